@@ -122,7 +122,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def retry(self, claim: Claim, delay_ms: int, error: str, options: dict[str, Any]) -> bool:
-        """Put a held job back to pending after `delay_ms`, counting a retry; False when the claim was lost."""
+        """Put a held job back to pending after `delay_ms`, counting a retry; False if the claim was lost."""
 
     @abc.abstractmethod
     def dead_letter(self, claim: Claim, error: str) -> bool:

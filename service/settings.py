@@ -20,13 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.errors import ConfigurationError
 
 
-class AppEnv(str, enum.Enum):
+class AppEnv(enum.StrEnum):
     development = "development"
     production = "production"
     test = "test"
 
 
-class LogLevel(str, enum.Enum):
+class LogLevel(enum.StrEnum):
     trace = "trace"
     debug = "debug"
     info = "info"
@@ -37,7 +37,7 @@ class LogLevel(str, enum.Enum):
     fatal = "fatal"
 
 
-class TransportKind(str, enum.Enum):
+class TransportKind(enum.StrEnum):
     postgres = "postgres"
     rest = "rest"
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -11,7 +13,10 @@ from psycopg import sql
 from service.migrate import apply_migrations
 
 LOCAL_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-TEMPLATE_NAME = "queue_test_template"
+#: Kept between sessions (the server outlives them too), so only the first session pays for initdb.
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[2] / ".data" / "test-postgres"
+#: seconds to wait for the local server to answer before falling back to the embedded one
+LOCAL_CONNECT_TIMEOUT_S = 2
 
 
 @dataclass
@@ -20,6 +25,8 @@ class DatabaseServer:
 
     admin_url: str
     embedded: object | None = None
+    # One template per session: sessions running at once on the same server must not drop each other's.
+    template_name: str = field(default_factory=lambda: f"queue_test_template_{uuid.uuid4().hex[:8]}")
 
     def url_for(self, name: str) -> str:
         info = psycopg.conninfo.conninfo_to_dict(self.admin_url)
@@ -29,16 +36,22 @@ class DatabaseServer:
     def _admin(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.admin_url, autocommit=True)
 
-    def create_template(self) -> None:
+    def create_database(self, name: str) -> str:
+        """An empty database; returns its URL."""
         with self._admin() as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(TEMPLATE_NAME)))
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(TEMPLATE_NAME)))
-        apply_migrations(self.url_for(TEMPLATE_NAME), bootstrap=True)
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        return self.url_for(name)
+
+    def create_template(self) -> None:
+        self.drop(self.template_name)
+        apply_migrations(self.create_database(self.template_name), bootstrap=True)
 
     def clone_template(self, name: str) -> str:
         with self._admin() as conn:
             conn.execute(
-                sql.SQL("create database {} template {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE_NAME))
+                sql.SQL("create database {} template {}").format(
+                    sql.Identifier(name), sql.Identifier(self.template_name)
+                )
             )
         return self.url_for(name)
 
@@ -47,12 +60,12 @@ class DatabaseServer:
             conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
     def close(self) -> None:
-        self.drop(TEMPLATE_NAME)
+        self.drop(self.template_name)
 
 
 def _local_server_answers(url: str) -> bool:
     try:
-        with psycopg.connect(url, connect_timeout=2):
+        with psycopg.connect(url, connect_timeout=LOCAL_CONNECT_TIMEOUT_S):
             return True
     except psycopg.OperationalError:
         return False
@@ -65,5 +78,5 @@ def start_database_server() -> DatabaseServer:
         return DatabaseServer(admin_url=url)
     from service.embedded_db import start_embedded_postgres
 
-    embedded = start_embedded_postgres(os.path.join(".data", "test-postgres"))
+    embedded = start_embedded_postgres(EMBEDDED_DATA_DIR)
     return DatabaseServer(admin_url=embedded.url, embedded=embedded)

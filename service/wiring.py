@@ -1,0 +1,45 @@
+"""Builds the transport and the broker from the settings: the one place that wires them."""
+
+from __future__ import annotations
+
+from broker.broker import SupabaseBroker
+from broker.transport import Transport
+from service.settings import Settings, TransportKind
+
+#: Connections beyond one per worker thread: the consumer, the lease keeper, producers inside jobs.
+EXTRA_POOL_CONNECTIONS = 3
+
+
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded PostgreSQL's URL in development (started and migrated on first use)."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    from service.embedded_db import ensure_embedded_database
+
+    return ensure_embedded_database(settings)
+
+
+def build_transport(settings: Settings) -> Transport:
+    """The transport the settings select."""
+    if settings.transport is TransportKind.rest:
+        from broker.rest import RestTransport
+
+        return RestTransport.from_settings(settings)
+    from broker.postgres import PostgresTransport
+
+    return PostgresTransport(
+        database_url(settings),
+        pool_size=settings.max_concurrent_jobs + EXTRA_POOL_CONNECTIONS,
+        poll_only=settings.database_poll_only,
+    )
+
+
+def build_broker(settings: Settings) -> SupabaseBroker:
+    """The broker over the selected transport, with the queue's schema checked."""
+    transport = build_transport(settings)
+    transport.check_schema()
+    return SupabaseBroker(
+        transport,
+        lease_ms=settings.job_lease_ms,
+        poll_interval_ms=settings.poll_interval_ms,
+    )

@@ -1,0 +1,53 @@
+"""The worker's entry point: `dramatiq tasks` imports this module.
+
+Importing it builds the settings, sets up logging and the broker, and declares the actors. A configuration
+mistake ends the process with one clear message and exit code 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import dramatiq
+from broker.log_context import JobLogContext
+from dramatiq.middleware import CurrentMessage
+from service.logs import configure_logging
+
+from broker.errors import QueueAccessDenied, QueueSchemaMissing
+from service.errors import ConfigurationError
+from service.settings import Settings, load_settings
+from service.wiring import build_broker
+from tasks.coding import CodingJob, declare_coding_actor
+
+#: Exit code for configuration and schema mistakes: restarting will not fix them.
+EXIT_CONFIGURATION = 2
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_CONFIGURATION)
+
+
+def _load() -> Settings:
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        _fail(exc.render())
+        raise  # unreachable: _fail exits
+
+
+settings = _load()
+configure_logging(settings)
+try:
+    broker = build_broker(settings)
+except (QueueSchemaMissing, QueueAccessDenied) as exc:
+    _fail(str(exc))
+    raise
+broker.add_middleware(CurrentMessage())
+broker.add_middleware(JobLogContext(worker_id=broker.worker_id))
+dramatiq.set_broker(broker)
+
+run_coding_job = declare_coding_actor(broker, CodingJob(settings))
+
+__all__ = ["broker", "run_coding_job", "settings"]
