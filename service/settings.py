@@ -42,6 +42,14 @@ class TransportKind(enum.StrEnum):
     rest = "rest"
 
 
+class _CrossFieldProblems(ValueError):
+    """Raised by the model validator; carries the (field, problem) pairs so they can be merged."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field.upper()}: {problem}" for field, problem in problems))
+
+
 class Settings(BaseSettings):
     """Every setting of the worker service; built once at an entry point and passed down."""
 
@@ -67,6 +75,17 @@ class Settings(BaseSettings):
     #: How long a claimed job stays ours without a lease extension.
     job_lease_ms: int = Field(60_000, ge=1_000, le=86_400_000)
     health_check_port: int = Field(8080, ge=1, le=65535)
+    #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
+    #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.
+    run_dir: Path | None = None
+    #: Liveness window: a worker whose consumer has not ticked for this long makes /health answer 503.
+    heartbeat_stale_ms: int = Field(30_000, ge=2_000, le=3_600_000)
+    #: How long one get_queue_stats() read serves /metrics and the queue monitor.
+    stats_cache_ms: int = Field(5_000, ge=0, le=3_600_000)
+    #: How long /ready waits for the queue's database to answer.
+    readiness_timeout_ms: int = Field(2_000, ge=100, le=60_000)
+    #: How often the queue monitor logs one line of queue statistics.
+    queue_stats_interval_ms: int = Field(30_000, ge=100, le=86_400_000)
     log_level: LogLevel = LogLevel.info
     app_env: AppEnv = AppEnv.development
 
@@ -88,18 +107,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _transport_is_configured(self) -> Settings:
-        problems: list[str] = []
+        problems = self.cross_field_problems()
+        if problems:
+            raise _CrossFieldProblems(problems)
+        return self
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """The (field, problem) pairs of the rules that span several settings, such as the transport's."""
+        problems: list[tuple[str, str]] = []
         kind = self.transport
         if kind is TransportKind.rest:
             if self.supabase_url is None:
-                problems.append("SUPABASE_URL: required for the REST transport")
+                problems.append(("supabase_url", "required for the REST transport"))
             if self.supabase_service_role_key is None:
-                problems.append("SUPABASE_SERVICE_ROLE_KEY: required for the REST transport")
+                problems.append(("supabase_service_role_key", "required for the REST transport"))
         elif kind is TransportKind.postgres and self.database_url is None and not self.uses_embedded_database:
-            problems.append("DATABASE_URL: required outside development (or set SUPABASE_URL and the key)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+            problems.append(
+                ("database_url", "required outside development (or set SUPABASE_URL and the key)")
+            )
+        return problems
 
     @property
     def transport(self) -> TransportKind:
@@ -124,6 +150,23 @@ class Settings(BaseSettings):
     def is_production(self) -> bool:
         return self.app_env is AppEnv.production
 
+    @property
+    def run_path(self) -> Path:
+        """RUN_DIR, or its default: `.data/run` beside the embedded database in development and test,
+        `/tmp/worker-run` in production (writable by the container's non-root user)."""
+        if self.run_dir is not None:
+            return self.run_dir
+        if self.app_env is AppEnv.production:
+            return Path("/tmp/worker-run")
+        return Path(".data/run")
+
+
+#: Valid stand-ins for invalid optional settings whose mere presence changes the cross-field rules.
+_PRESENT_STAND_INS: dict[str, str] = {
+    "database_url": "postgresql://stand-in.invalid/stand_in",
+    "supabase_url": "https://stand-in.invalid",
+}
+
 
 def _describe(error: Any) -> str:
     location = ".".join(str(part) for part in error.get("loc", ()) if part != "__root__")
@@ -134,12 +177,41 @@ def _describe(error: Any) -> str:
     return message
 
 
+def _cross_field_error(error: Any) -> _CrossFieldProblems | None:
+    cause = error.get("ctx", {}).get("error")
+    return cause if isinstance(cause, _CrossFieldProblems) else None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, or raise ConfigurationError listing every problem at once."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems: list[str] = []
+        errors = exc.errors(include_input=False, include_url=False)
+    problems: list[str] = []
+    for error in errors:
+        problems.extend(part.strip() for part in _describe(error).split(";"))
+    invalid = {str(error["loc"][0]) for error in errors if error.get("loc")}
+    if invalid and not any(_cross_field_error(error) for error in errors):
+        problems.extend(_cross_field_problems_despite(invalid, overrides))
+    raise ConfigurationError(problems) from None
+
+
+def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) -> list[str]:
+    # Pydantic skips model validators once a field is invalid, so check the cross-field rules again with
+    # each invalid field replaced by a valid stand-in, and keep the problems about the other fields.
+    stand_ins: dict[str, Any] = {}
+    for name in invalid & Settings.model_fields.keys():
+        field = Settings.model_fields[name]
+        stand_ins[name] = _PRESENT_STAND_INS.get(name, field.get_default(call_default_factory=True))
+    try:
+        Settings(**{**overrides, **stand_ins})
+    except ValidationError as exc:
+        found: list[str] = []
         for error in exc.errors(include_input=False, include_url=False):
-            problems.extend(part.strip() for part in _describe(error).split(";"))
-        raise ConfigurationError(problems) from None
+            cross_field = _cross_field_error(error)
+            if cross_field is not None:
+                kept = [(field, problem) for field, problem in cross_field.problems if field not in invalid]
+                found.extend(f"{field.upper()}: {problem}" for field, problem in kept)
+        return found
+    return []

@@ -45,7 +45,8 @@ except (QueueSchemaMissing, QueueAccessDenied) as exc:
     _fail(str(exc))
     raise
 broker.add_middleware(CurrentMessage())
-broker.add_middleware(JobLogContext(worker_id=broker.worker_id))
+# First, so that its after-hooks run last and the other middlewares' lines about a job carry its ids.
+broker.add_middleware(JobLogContext(worker_id=broker.worker_id), before=type(broker.middleware[0]))
 dramatiq.set_broker(broker)
 
 run_coding_job = declare_coding_actor(broker, CodingJob(settings))
