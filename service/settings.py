@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     poll_interval_ms: int = Field(10_000, ge=50, le=3_600_000)
     max_concurrent_jobs: int = Field(1, ge=1, le=256)
+    #: Worker processes per container (`--processes`); scale out by adding containers.
+    worker_processes: int = Field(1, ge=1, le=64)
     shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)
     #: How long a claimed job stays ours without a lease extension.
     job_lease_ms: int = Field(60_000, ge=1_000, le=86_400_000)

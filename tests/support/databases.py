@@ -6,6 +6,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
@@ -29,9 +30,10 @@ class DatabaseServer:
     template_name: str = field(default_factory=lambda: f"queue_test_template_{uuid.uuid4().hex[:8]}")
 
     def url_for(self, name: str) -> str:
+        """A postgresql:// URL to database `name`, usable as DATABASE_URL by the settings and psycopg."""
         info = psycopg.conninfo.conninfo_to_dict(self.admin_url)
         info["dbname"] = name
-        return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
+        return _as_url({key: str(value) for key, value in info.items() if value is not None})
 
     def _admin(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.admin_url, autocommit=True)
@@ -61,6 +63,21 @@ class DatabaseServer:
 
     def close(self) -> None:
         self.drop(self.template_name)
+
+
+def _as_url(info: dict[str, str]) -> str:
+    params = dict(info)
+    user, password = params.pop("user", ""), params.pop("password", "")
+    dbname, host, port = params.pop("dbname", ""), params.pop("host", ""), params.pop("port", "")
+    if host.startswith("/"):
+        # A unix socket directory goes in libpq's `host` parameter, which wins over the URL's host;
+        # "localhost" only keeps URL validators (pydantic's PostgresDsn) happy.
+        params["host"] = host
+        host = "localhost"
+    userinfo = f"{quote(user, safe='')}{':' + quote(password, safe='') if password else ''}@" if user else ""
+    netloc = f"{userinfo}{host}{':' + port if port else ''}"
+    query = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
+    return f"postgresql://{netloc}/{quote(dbname, safe='')}{query}"
 
 
 def _local_server_answers(url: str) -> bool:
