@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dramatiq.middleware import GroupCallbacks
+from dramatiq.results import Results
+
 from broker.broker import SupabaseBroker
 from broker.transport import Transport
 from service.settings import Settings, TransportKind
@@ -38,8 +41,21 @@ def build_broker(settings: Settings) -> SupabaseBroker:
     """The broker over the selected transport, with the queue's schema checked."""
     transport = build_transport(settings)
     transport.check_schema()
-    return SupabaseBroker(
+    broker = SupabaseBroker(
         transport,
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
     )
+    add_result_backends(broker, settings)
+    return broker
+
+
+def add_result_backends(broker: SupabaseBroker, settings: Settings) -> None:
+    """Results and group callbacks in the queue's database (direct transport only, for now)."""
+    if settings.transport is not TransportKind.postgres:
+        return
+    from broker.results import PostgresRateLimiterBackend, PostgresResultBackend
+
+    url, prepared = database_url(settings), not settings.database_poll_only
+    broker.add_middleware(Results(backend=PostgresResultBackend(url, prepared_statements=prepared)))
+    broker.add_middleware(GroupCallbacks(PostgresRateLimiterBackend(url, prepared_statements=prepared)))

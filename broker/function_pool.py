@@ -1,0 +1,114 @@
+"""A small psycopg pool that calls the queue's SQL functions, for backends that live beside the transport."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg.rows import tuple_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
+
+#: Seconds a call may wait for a pooled connection before it counts as a lost connection.
+DEFAULT_POOL_TIMEOUT_S = 10.0
+#: Connections per pool: calls are single short statements, so a few serve many worker threads.
+DEFAULT_POOL_SIZE = 4
+
+
+def translate_error(exc: psycopg.Error) -> Exception:
+    """Map a driver error to the queue's errors: lost connections become Dramatiq's ConnectionClosed."""
+    if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):
+        return QueueSchemaMissing(exc.diag.message_primary or type(exc).__name__)
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return QueueAccessDenied(exc.diag.message_primary or "permission denied")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return ConnectionClosed(exc)
+    return QueueError(f"{type(exc).__name__}: {exc.diag.message_primary or exc}")
+
+
+class FunctionPool:
+    """Runs one-statement calls of SQL functions on an autocommit pool, its own or a borrowed one.
+
+    The pool opens on the first call, not here: a process that imports the wiring and then forks (the dramatiq
+    CLI) must not carry pool threads across the fork.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        pool: ConnectionPool[Any] | None = None,
+        name: str,
+        size: int = DEFAULT_POOL_SIZE,
+        timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+        prepared_statements: bool = True,
+    ) -> None:
+        if (url is None) == (pool is None):
+            raise ValueError("pass either a database URL or an autocommit psycopg ConnectionPool")
+        self._owned = pool is None
+        if pool is None:
+            assert url is not None  # checked above; says so to the type checker
+            kwargs: dict[str, Any] = {"autocommit": True, "application_name": name}
+            if not prepared_statements:
+                # Transaction-mode poolers (Supavisor port 6543, PgBouncer) cannot keep prepared statements.
+                kwargs["prepare_threshold"] = None
+            pool = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=max(size, 1),
+                kwargs=kwargs,
+                timeout=timeout_s,
+                open=False,
+                name=name,
+            )
+        self.pool: ConnectionPool[Any] = pool
+        self._opened = not self._owned
+        self._open_lock = threading.Lock()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+        if not self._opened:
+            with self._open_lock:
+                if not self._opened:
+                    self.pool.open(wait=False)
+                    self._opened = True
+        try:
+            with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+                yield cur
+        except PoolTimeout as exc:
+            raise ConnectionClosed(exc) from None
+        except psycopg.Error as exc:
+            error = translate_error(exc)
+            if isinstance(error, ConnectionClosed) and not self.pool.closed:
+                # What dropped this connection (a restart, a failover) most likely dropped its idle siblings
+                # too: test them now, so the next call (or our retry) does not draw another dead one.
+                self.pool.check()
+            raise error from None
+
+    def value(self, query: str, params: Sequence[Any], *, idempotent: bool) -> Any:
+        """The first column of the first row of `query` (None when there is no row).
+
+        An idempotent call is tried once more when its connection was lost, after the pool dropped its other
+        dead connections: that hides connections the server closed while they sat in the pool. Other calls
+        may have committed before the reply was lost, so they reach the caller as ConnectionClosed at once.
+        """
+        attempts = 2 if idempotent else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._cursor() as cur:
+                    row = cur.execute(query, params).fetchone()
+                    return None if row is None else row[0]
+            except ConnectionClosed:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the pool if it is ours; a borrowed pool belongs to whoever lent it."""
+        if self._owned and self._opened:
+            self.pool.close()
