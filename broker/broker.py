@@ -69,6 +69,8 @@ class SupabaseBroker(dramatiq.Broker):
         self._held_by_queue: Counter[str] = Counter()
         self._consumers: dict[str, list[JobConsumer]] = {}
         self._doorbell: Doorbell | None = None
+        #: Cleared at worker shutdown: consumers stop claiming while running jobs finish.
+        self.claiming = True
         self._leases: LeaseKeeper | None = None
 
     # -- Dramatiq's contract ----------------------------------------------------------------------------
@@ -110,13 +112,18 @@ class SupabaseBroker(dramatiq.Broker):
                 raise QueueJoinTimeout(queue_name)
             time.sleep(interval / 1000)
 
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal == "worker_shutdown":
+            self._stop_claiming()
+        super().emit_before(signal, *args, **kwargs)
+
     def close(self) -> None:
-        """Stop the background threads, hand back jobs still running at the deadline, release connections."""
+        """Hand back jobs still running at the deadline, stop the background threads, release connections."""
+        self._release_abandoned()
         if self._doorbell is not None:
             self._doorbell.stop()
         if self._leases is not None:
             self._leases.stop()
-        self._release_abandoned()
         self.transport.close()
 
     # -- held jobs ------------------------------------------------------------------------------------
@@ -192,6 +199,14 @@ class SupabaseBroker(dramatiq.Broker):
                 consumers = list(self._consumers.get(queue_name, ()))
         for consumer in consumers:
             consumer.ring(run_at_ms)
+
+    def _stop_claiming(self) -> None:
+        self.claiming = False
+        running = [p for p in self.held_jobs() if not p.settled]
+        self.logger.info(
+            "Shutting down: stopped claiming; waiting for %d claimed job(s) to finish or go back.",
+            len(running),
+        )
 
     def _lost(self, proxy: JobProxy) -> None:
         proxy.settled = True

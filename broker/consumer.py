@@ -77,7 +77,7 @@ class JobConsumer(Consumer):
         return self.prefetch - self.broker.held_count(self.queue_name)
 
     def _should_claim(self) -> bool:
-        if self._capacity() < 1:
+        if not self.broker.claiming or self._capacity() < 1:
             return False
         with self._cond:
             if self._kick or time.monotonic() >= self._next_poll:

@@ -92,13 +92,17 @@ class PostgresResultBackend(ResultBackend):
         return self.unwrap_result(result)
 
     def _get(self, message_key: str) -> MResult:
-        document = self.calls.value("select public.queue_get_result(%s)::text", (message_key,), idempotent=True)
+        document = self.calls.value(
+            "select public.queue_get_result(%s)::text", (message_key,), idempotent=True
+        )
         return Missing if document is None else self.encoder.decode(document.encode("utf-8"))
 
     def _store(self, message_key: str, result: Result, ttl: int) -> None:
         document = self.encoder.encode(result).decode("utf-8")
         self.calls.value(
-            "select public.queue_store_result(%s, %s::jsonb, %s)", (message_key, document, ttl), idempotent=True
+            "select public.queue_store_result(%s, %s::jsonb, %s)",
+            (message_key, document, ttl),
+            idempotent=True,
         )
         self._purge_now_and_then()
 
