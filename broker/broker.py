@@ -16,6 +16,7 @@ from dramatiq.message import Message
 from dramatiq.middleware import Middleware, default_middleware
 from dramatiq.middleware.retries import Retries
 
+from broker.acks import AckBatcher
 from broker.consumer import JobConsumer
 from broker.leases import LeaseKeeper
 from broker.messages import JobProxy, error_text, new_job, stored_options
@@ -65,6 +66,8 @@ class SupabaseBroker(dramatiq.Broker):
         #: time.time() of the last consumer iteration: the health check's sign of life.
         self.last_tick = time.time()
         self._lock = threading.Lock()
+        #: Acks from all worker threads, completed in batches.
+        self.acks = AckBatcher(transport)
         self._held: dict[str, JobProxy] = {}
         self._held_by_queue: Counter[str] = Counter()
         self._consumers: dict[str, list[JobConsumer]] = {}
@@ -118,7 +121,8 @@ class SupabaseBroker(dramatiq.Broker):
         super().emit_before(signal, *args, **kwargs)
 
     def close(self) -> None:
-        """Hand back jobs still running at the deadline, stop the background threads, release connections."""
+        """Complete acked jobs, hand back those still running at the deadline, stop threads, disconnect."""
+        self.acks.close()
         self._release_abandoned()
         if self._doorbell is not None:
             self._doorbell.stop()
@@ -228,3 +232,6 @@ class SupabaseBroker(dramatiq.Broker):
                 self.logger.warning(
                     "Could not release %d job(s); their leases will return them.", len(abandoned)
                 )
+            for proxy in abandoned:
+                proxy.settled = True  # their late acks, if the threads ever finish, change nothing
+                self.forget(proxy)

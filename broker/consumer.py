@@ -20,6 +20,9 @@ from broker.transport import Claim
 if TYPE_CHECKING:
     from broker.broker import SupabaseBroker
 
+#: Seconds to wait past a delayed job's run_at before claiming it: absorbs small clock skew with the database.
+DUE_MARGIN_S = 0.05
+
 
 class JobConsumer(Consumer):
     """Consumes one queue. `__next__` runs on the consumer thread; ack and nack on worker threads.
@@ -53,7 +56,7 @@ class JobConsumer(Consumer):
             if run_at_ms <= time.time() * 1000:
                 self._kick = True
             else:
-                heapq.heappush(self._due_s, run_at_ms / 1000)
+                heapq.heappush(self._due_s, run_at_ms / 1000 + DUE_MARGIN_S)
                 del self._due_s[256:]  # a hint; the poll covers the rest
             self._cond.notify()
 
@@ -77,8 +80,11 @@ class JobConsumer(Consumer):
         return self.prefetch - self.broker.held_count(self.queue_name)
 
     def _should_claim(self) -> bool:
-        if not self.broker.claiming or self._capacity() < 1:
+        capacity = self._capacity()
+        if not self.broker.claiming or capacity < 1:
             return False
+        if self._more and capacity >= self._refill_at:
+            return True  # the last batch came back full: more is waiting, claim a batch's worth at once
         with self._cond:
             if self._kick or time.monotonic() >= self._next_poll:
                 return True
@@ -86,7 +92,7 @@ class JobConsumer(Consumer):
 
     def _wait(self, remaining_s: float) -> None:
         with self._cond:
-            if self._kick and self._capacity() >= 1:
+            if self._should_claim():
                 return
             timeout = min(remaining_s, max(self._next_poll - time.monotonic(), 0.0))
             if self._due_s:
@@ -120,11 +126,8 @@ class JobConsumer(Consumer):
     def ack(self, message: MessageProxy) -> None:
         proxy = _job(message)
         proxy.finishing = True
-        if not proxy.settled and not self.transport.complete(proxy.claim):
-            self.logger.warning(
-                "Job %s finished after its lease was lost; another worker may run it again.",
-                proxy.claim.job_id,
-            )
+        if not proxy.settled:
+            self.broker.acks.complete(proxy.claim)
         self.broker.forget(proxy)
 
     def nack(self, message: MessageProxy) -> None:
@@ -139,10 +142,9 @@ class JobConsumer(Consumer):
         self._release(proxies)
 
     def capacity_freed(self) -> None:
-        """Called when a job of this queue is let go: claim again at once if the last batch was full."""
+        """Called when a job of this queue is let go: wake the consumer if the last batch was full."""
         if self._more and self._capacity() >= self._refill_at:
             with self._cond:
-                self._kick = True
                 self._cond.notify()
 
     def _release(self, proxies: list[JobProxy]) -> None:

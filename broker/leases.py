@@ -1,4 +1,4 @@
-"""The lease keeper: extends the leases of every job this process holds, while it holds them."""
+"""The lease keeper: extends the leases of the jobs this process holds, and rescues expired ones."""
 
 from __future__ import annotations
 
@@ -53,10 +53,17 @@ class LeaseKeeper:
                 )
                 self.on_lost(proxy)
 
+    def rescue_expired(self) -> None:
+        """Every worker returns jobs whose holder died; SKIP LOCKED keeps them out of each other's way."""
+        rescued = self.transport.requeue_expired_leases()
+        if rescued:
+            self.logger.warning("Returned %d job(s) whose lease expired to the queue.", rescued)
+
     def _run(self) -> None:
         interval_s = self.lease_ms / 1000 * EXTEND_EVERY_FRACTION
         while not self._stopping.wait(interval_s):
-            try:
-                self.extend_now()
-            except (ConnectionClosed, QueueError) as exc:
-                self.logger.warning("Could not extend leases: %s", exc)
+            for step in (self.extend_now, self.rescue_expired):
+                try:
+                    step()
+                except (ConnectionClosed, QueueError) as exc:
+                    self.logger.warning("Lease upkeep failed (%s): %s", step.__name__, exc)

@@ -69,7 +69,7 @@ def decode(job: ClaimedJob) -> JobProxy:
         raise UndecodableJob(f"options must be a JSON object, got {_json_type(job.options)}")
     if not job.actor_name or not job.queue_name:
         raise UndecodableJob("actor_name and queue_name must not be empty")
-    options = dict(job.options)
+    options = {k: v for k, v in job.options.items() if k not in ROW_OPTIONS}
     options.update(
         retries=job.retry_count,
         max_retries=job.max_retries,

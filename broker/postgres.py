@@ -23,6 +23,8 @@ T = TypeVar("T")
 NOTIFY_CHANNEL = "coding_jobs"
 #: Seconds a pooled connection may take to come free before a call counts as a lost connection.
 POOL_TIMEOUT_S = 10.0
+#: Seconds the LISTEN thread waits for a notification before checking whether it should stop.
+LISTEN_WAKE_S = 0.25
 #: Seconds between reconnect attempts of the LISTEN connection.
 LISTEN_RETRY_S = 1.0
 #: Application name shown in pg_stat_activity, so operators can tell worker connections apart.
@@ -121,8 +123,16 @@ class PostgresTransport(Transport):
             ).fetchall()
         return [ClaimedJob.from_row(row) for row in rows]
 
-    def complete(self, claim: Claim) -> bool:
-        return self._scalar("select public.complete_job(%s, %s)", (claim.job_id, claim.claim_token))
+    def complete_many(self, claims: Sequence[Claim]) -> set[str]:
+        if not claims:
+            return set()
+        ids, tokens = _claims(claims)
+        rows = self._call(
+            "select public.complete_jobs(%s::uuid[], %s::uuid[]) as id",
+            (ids, tokens),
+            lambda cur: cur.fetchall(),
+        )
+        return {str(row["id"]) for row in rows}
 
     def retry(self, claim: Claim, delay_ms: int, error: str, options: dict[str, Any]) -> bool:
         return self._scalar(
@@ -152,6 +162,9 @@ class PostgresTransport(Transport):
         )
         return {str(row["id"]) for row in rows}
 
+    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
+        return int(self._value("select public.requeue_expired_leases(%s)", (queue_name,)))
+
     def purge(self, queue_name: str) -> int:
         return int(self._value("select public.purge_queue(%s)", (queue_name,)))
 
@@ -177,8 +190,9 @@ class PostgresTransport(Transport):
                 autocommit=True,
                 application_name=APPLICATION_NAME,
             ) as conn:
-                conn.execute("set statement_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
-                conn.execute("select 1")
+                timeout = f"{int(timeout_s * 1000)}ms"
+                conn.execute("select set_config('statement_timeout', %s, false)", (timeout,))
+                conn.execute("select public.queue_ping()")
         except psycopg.Error as exc:
             raise ConnectionClosed(exc) from None
 
@@ -227,7 +241,7 @@ class ListenDoorbell(Doorbell):
                     conn.execute(f"listen {NOTIFY_CHANNEL}")
                     ring(None, 0)  # notifications sent while we were away are lost: look once
                     while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=1.0):
+                        for note in conn.notifies(timeout=LISTEN_WAKE_S):
                             queue, run_at = _parse_payload(note.payload)
                             ring(queue, run_at)
             except psycopg.Error:

@@ -117,8 +117,12 @@ class Transport(abc.ABC):
         """Claim up to `limit` due jobs of one queue, highest priority first, then oldest."""
 
     @abc.abstractmethod
+    def complete_many(self, claims: Sequence[Claim]) -> set[str]:
+        """Mark held jobs completed in one call; returns the ids completed by these claims."""
+
     def complete(self, claim: Claim) -> bool:
         """Mark a held job completed; False when the claim was lost."""
+        return claim.job_id in self.complete_many([claim])
 
     @abc.abstractmethod
     def retry(self, claim: Claim, delay_ms: int, error: str, options: dict[str, Any]) -> bool:
@@ -135,6 +139,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
         """Extend the leases of held jobs; returns the ids still held."""
+
+    @abc.abstractmethod
+    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
+        """Return jobs whose holder stopped renewing the lease to pending (counting a retry), or fail them."""
 
     @abc.abstractmethod
     def purge(self, queue_name: str) -> int:

@@ -36,9 +36,12 @@ create table if not exists public.coding_jobs (
   claim_token uuid,
   lease_expires_at timestamptz,
   constraint coding_jobs_retries_check check (max_retries >= 0 and retry_count >= 0),
+  -- a processing job always has a holder; a finished job keeps its last claim token, so a repeated ack of
+  -- the same claim (its first reply was lost) is recognised as done
   constraint coding_jobs_lease_check check (
-    (status = 'processing') = (claim_token is not null and lease_expires_at is not null)
-  )
+    status <> 'processing' or (claim_token is not null and lease_expires_at is not null)
+  ),
+  constraint coding_jobs_no_lease_unless_processing check (status = 'processing' or lease_expires_at is null)
 );
 
 comment on table public.coding_jobs is 'The job queue. Change rows only through the queue functions.';
@@ -91,13 +94,14 @@ create trigger coding_jobs_fill_payload
   for each row execute function public.coding_jobs_fill_payload();
 
 -- The doorbell: one small notification per queue and statement, never the payload.
--- Payload: {"queue": <name>, "run_at": <epoch ms of the earliest run_at>} so idle workers can also wake for delays.
+-- Payload: {"queue": <name>, "run_at": <epoch ms of the earliest run_at, rounded up>} so idle workers can also
+-- wake for delays (rounded down, a worker would wake a fraction of a millisecond early and find nothing due).
 create or replace function public.coding_jobs_ring(p_queue text, p_run_at timestamptz) returns void
 language sql volatile set search_path = ''
 as $$
   select pg_notify(
     'coding_jobs',
-    json_build_object('queue', p_queue, 'run_at', floor(extract(epoch from p_run_at) * 1000)::bigint)::text
+    json_build_object('queue', p_queue, 'run_at', ceil(extract(epoch from p_run_at) * 1000)::bigint)::text
   )
 $$;
 
@@ -200,15 +204,41 @@ begin
 end
 $$;
 
--- complete_job: processing -> completed. With a claim token, only the claim's holder can complete it.
+-- complete_job: processing -> completed. With a claim token, only the claim's holder can complete it, and
+-- completing it again with the same token answers true (the first reply was lost).
 create or replace function public.complete_job(job_id uuid, p_claim_token uuid default null) returns boolean
 language plpgsql volatile set search_path = ''
 as $$
 begin
   update public.coding_jobs
-     set status = 'completed', completed_at = now(), claim_token = null, lease_expires_at = null
+     set status = 'completed', completed_at = now(), lease_expires_at = null
    where id = job_id and status = 'processing' and (p_claim_token is null or claim_token = p_claim_token);
-  return found;
+  return found or exists (
+    select from public.coding_jobs
+     where id = job_id and status = 'completed' and claim_token = p_claim_token);
+end
+$$;
+
+-- complete_jobs: complete_job for a batch, one statement and one commit for every ack a worker has ready.
+-- Returns the ids now completed by these claims (including ones an earlier, lost reply had completed).
+create or replace function public.complete_jobs(p_job_ids uuid[], p_claim_tokens uuid[]) returns setof uuid
+language plpgsql volatile set search_path = ''
+as $$
+begin
+  return query
+  with held as (
+    select h.id, h.token from unnest(p_job_ids, p_claim_tokens) as h(id, token)
+  ), done as (
+    update public.coding_jobs j
+       set status = 'completed', completed_at = now(), lease_expires_at = null
+      from held h
+     where j.id = h.id and j.claim_token = h.token and j.status = 'processing'
+    returning j.id
+  )
+  select d.id from done d
+  union all
+  select j.id from public.coding_jobs j join held h on j.id = h.id and j.claim_token = h.token
+   where j.status = 'completed';
 end
 $$;
 
@@ -238,17 +268,18 @@ begin
 end
 $$;
 
--- dead_letter_job: processing -> failed, the dead-letter state, with the error.
+-- dead_letter_job: processing -> failed, the dead-letter state, with the error; idempotent per claim like complete_job.
 create or replace function public.dead_letter_job(job_id uuid, p_claim_token uuid, error_msg text)
 returns boolean
 language plpgsql volatile set search_path = ''
 as $$
 begin
   update public.coding_jobs
-     set status = 'failed', error_message = error_msg, completed_at = now(),
-         claim_token = null, lease_expires_at = null
+     set status = 'failed', error_message = error_msg, completed_at = now(), lease_expires_at = null
    where id = job_id and status = 'processing' and (p_claim_token is null or claim_token = p_claim_token);
-  return found;
+  return found or exists (
+    select from public.coding_jobs
+     where id = job_id and status = 'failed' and claim_token = p_claim_token);
 end
 $$;
 
@@ -324,7 +355,8 @@ declare
 begin
   with rerun_jobs as (
     update public.coding_jobs
-       set status = 'pending', retry_count = 0, run_at = now(), completed_at = null, started_at = null
+       set status = 'pending', retry_count = 0, run_at = now(), completed_at = null, started_at = null,
+           claim_token = null, locked_by = null
      where status = 'failed'
        and (p_job_ids is null or id = any(p_job_ids))
        and (p_queue is null or queue_name = p_queue)
@@ -383,6 +415,7 @@ revoke all on function
   public.claim_jobs(text, text, integer, integer),
   public.claim_next_job(),
   public.complete_job(uuid, uuid),
+  public.complete_jobs(uuid[], uuid[]),
   public.retry_job(uuid, uuid, bigint, text, jsonb),
   public.dead_letter_job(uuid, uuid, text),
   public.fail_job(uuid, text, uuid),
@@ -400,6 +433,7 @@ grant execute on function
   public.claim_jobs(text, text, integer, integer),
   public.claim_next_job(),
   public.complete_job(uuid, uuid),
+  public.complete_jobs(uuid[], uuid[]),
   public.retry_job(uuid, uuid, bigint, text, jsonb),
   public.dead_letter_job(uuid, uuid, text),
   public.fail_job(uuid, text, uuid),

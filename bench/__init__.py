@@ -1,0 +1,1 @@
+"""Throughput benchmarks: no-op jobs per second through one `dramatiq` process, per broker."""

@@ -1,0 +1,323 @@
+"""The Supabase REST transport against the PostgREST-compatible endpoint over the test's real database."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
+from broker.rest import RestTransport
+from broker.transport import Claim, ClaimedJob, NewJob
+from service.settings import load_settings
+from tests.support.postgrest import PostgrestEndpoint, running_postgrest
+
+#: Seconds any wait in these tests may take.
+DEADLINE_S = 10.0
+#: Milliseconds a short lease lasts, for tests that wait for it to expire.
+SHORT_LEASE_MS = 300
+
+Db = psycopg.Connection[dict[str, Any]]
+
+
+@pytest.fixture
+def endpoint(database_url: str) -> Iterator[PostgrestEndpoint]:
+    with running_postgrest(database_url) as running:
+        yield running
+
+
+@pytest.fixture
+def transport(endpoint: PostgrestEndpoint) -> Iterator[RestTransport]:
+    rest = RestTransport(endpoint.url, endpoint.service_role_key, timeout_s=2.0, realtime=False)
+    yield rest
+    rest.close()
+
+
+def new_job(queue: str = "default", priority: int = 0, max_retries: int = 3) -> NewJob:
+    return NewJob(str(uuid.uuid4()), queue, "noop", [1], {"k": "v"}, {"o": 1}, priority, max_retries)
+
+
+def claim_of(job: ClaimedJob) -> Claim:
+    return Claim(job.id, job.claim_token)
+
+
+def row(db: Db, job_id: str) -> dict[str, Any]:
+    found = db.execute("select * from public.coding_jobs where id = %s", (job_id,)).fetchone()
+    assert found is not None
+    return found
+
+
+def wait_until_lease_expired(db: Db, job_id: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    query = "select lease_expires_at < now() as expired from public.coding_jobs where id = %s"
+    while not (db.execute(query, (job_id,)).fetchone() or {}).get("expired"):
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.05)
+
+
+def test_claim_complete_round_trip_in_batches(
+    transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    # Given three jobs of different priorities, enqueued in one request
+    jobs = [new_job(priority=p) for p in (0, 10, 5)]
+    assert transport.enqueue(jobs) == 3
+    assert transport.enqueue(jobs[:1]) == 0  # an id seen before is ignored
+
+    # When one worker claims up to ten
+    claimed = transport.claim("worker-a", "default", 10, 60_000)
+
+    # Then one request brought all three, highest priority first, with their message fields
+    assert endpoint.calls["claim_jobs"] == 1
+    assert [job.priority for job in claimed] == [10, 5, 0]
+    assert claimed[0].args == [1] and claimed[0].kwargs == {"k": "v"} and claimed[0].options == {"o": 1}
+    assert claimed[0].created_at.tzinfo is not None
+    assert row(db, claimed[0].id)["locked_by"] == "worker-a"
+    assert transport.claim("worker-b", "default", 10, 60_000) == []
+
+    # And completing each is fenced by its claim token
+    assert all(transport.complete(claim_of(job)) for job in claimed)
+    assert transport.complete(claim_of(claimed[0])) is True  # idempotent per claim: a lost reply is harmless
+    completed = db.execute(
+        "select count(*) as n from public.coding_jobs where status = 'completed'"
+    ).fetchone()
+    assert completed == {"n": 3}
+
+
+def test_retry_dead_letter_release_extend_purge_and_stats(transport: RestTransport, db: Db) -> None:
+    transport.enqueue([new_job() for _ in range(4)])
+    retried, dead, released, kept = transport.claim("worker-a", "default", 4, 60_000)
+
+    assert transport.retry(claim_of(retried), 60_000, "boom", {"retries": 1}) is True
+    assert transport.dead_letter(claim_of(dead), "gave up") is True
+    assert transport.extend_leases([claim_of(kept), claim_of(dead)], 120_000) == {kept.id}
+    assert transport.release([claim_of(released), claim_of(dead)]) == 1
+    assert transport.release([]) == 0 and transport.extend_leases([], 1000) == set()
+
+    after_retry = row(db, retried.id)
+    assert (after_retry["status"], after_retry["retry_count"], after_retry["error_message"]) == (
+        "pending",
+        1,
+        "boom",
+    )
+    assert after_retry["options"] == {"retries": 1}
+    assert (row(db, dead.id)["status"], row(db, dead.id)["error_message"]) == ("failed", "gave up")
+    assert row(db, released.id)["status"] == "pending" and row(db, released.id)["retry_count"] == 0
+
+    counts = {(stat.queue_name, stat.status): stat.jobs for stat in transport.stats()}
+    assert counts == {("default", "pending"): 2, ("default", "processing"): 1, ("default", "failed"): 1}
+    assert transport.purge("default") == 2
+
+
+def test_requests_per_job_stay_batched_under_concurrent_workers(transport: RestTransport, db: Db) -> None:
+    # Given 200 jobs and eight threads sharing one transport (one HTTP/1.1 connection pool)
+    transport.enqueue([new_job() for _ in range(200)])
+    runs: list[str] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while jobs := transport.claim(f"worker-{threading.get_ident()}", "default", 10, 60_000):
+                for job in jobs:
+                    assert transport.complete(claim_of(job))
+                    runs.append(job.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE_S)
+
+    # Then every job ran exactly once
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    assert len(runs) == len(set(runs)) == 200
+    assert db.execute(
+        "select count(*) as n from public.coding_jobs where status <> 'completed'"
+    ).fetchone() == {"n": 0}
+
+
+def test_the_anon_key_and_a_foreign_key_are_refused(endpoint: PostgrestEndpoint) -> None:
+    anon = RestTransport(endpoint.url, endpoint.anon_key, realtime=False)
+    forged_key = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2lnbmVkLWJ5LXNvbWVvbmUtZWxzZQ"
+    forged = RestTransport(endpoint.url, forged_key, realtime=False)
+    try:
+        for transport, key in ((anon, endpoint.anon_key), (forged, forged_key)):
+            for call in (transport.check_schema, lambda t=transport: t.claim("w", "default", 1, 1000)):
+                with pytest.raises(QueueAccessDenied) as refused:
+                    call()
+                assert "service role key" in str(refused.value)
+                assert key not in str(refused.value)
+    finally:
+        anon.close()
+        forged.close()
+
+
+def test_a_lost_claim_reply_loses_nothing_and_never_runs_a_job_twice_at_once(
+    transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    # Given a job, and an endpoint that commits the next claim and then drops the connection
+    [job] = [new_job(max_retries=3)]
+    transport.enqueue([job])
+    endpoint.faults.drop_after_commit(fn="claim_jobs")
+
+    # When a worker claims it, the reply never arrives
+    with pytest.raises(ConnectionClosed):
+        transport.claim("worker-a", "default", 10, SHORT_LEASE_MS)
+
+    # Then the job is held by its lease, and no other worker can take it meanwhile
+    held = row(db, job.id)
+    assert held["status"] == "processing" and held["locked_by"] == "worker-a"
+    assert transport.claim("worker-b", "default", 10, 60_000) == []
+
+    # When the lease expires, the rescue returns it to the queue with a retry counted
+    wait_until_lease_expired(db, job.id)
+    assert transport.requeue_expired_leases("default") == 1
+    requeued = row(db, job.id)
+    assert (requeued["status"], requeued["retry_count"], requeued["claim_token"]) == ("pending", 1, None)
+
+    # Then another worker runs it, and the lost claim's token can no longer change it
+    [again] = transport.claim("worker-b", "default", 10, 60_000)
+    assert again.id == job.id
+    lost_claim = Claim(job.id, str(held["claim_token"]))
+    assert transport.complete(lost_claim) is False
+    assert transport.retry(lost_claim, 0, "late", {}) is False
+    assert transport.complete(claim_of(again)) is True
+
+
+def test_an_expired_lease_with_no_retries_left_is_dead_lettered(transport: RestTransport, db: Db) -> None:
+    transport.enqueue([new_job(max_retries=0)])
+    [job] = transport.claim("worker-a", "default", 1, SHORT_LEASE_MS)
+    wait_until_lease_expired(db, job.id)
+
+    assert transport.requeue_expired_leases() == 1
+    dead = row(db, job.id)
+    assert dead["status"] == "failed" and "lease expired" in dead["error_message"]
+    assert transport.complete(claim_of(job)) is False
+
+
+def test_503s_become_connection_closed_and_the_retry_succeeds(
+    transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    transport.enqueue([new_job()])
+    [job] = transport.claim("worker-a", "default", 1, 60_000)
+    endpoint.faults.fail(status=503, fn="complete_jobs", times=2)
+
+    for _ in range(2):
+        with pytest.raises(ConnectionClosed, match="503"):
+            transport.complete(claim_of(job))
+    assert row(db, job.id)["status"] == "processing"  # the 503s never reached the database
+
+    assert transport.complete(claim_of(job)) is True  # what Dramatiq's retry of the ack does
+
+
+def test_a_late_reply_times_out_with_the_fractional_timeout(endpoint: PostgrestEndpoint, db: Db) -> None:
+    # Given a transport with a 0.5 s timeout (postgrest-py alone would truncate it to 0 s)
+    rest = RestTransport(endpoint.url, endpoint.service_role_key, timeout_s=0.5, realtime=False)
+    try:
+        rest.enqueue([new_job()])
+        [job] = rest.claim("worker-a", "default", 1, 60_000)
+        endpoint.faults.delay(2.0, fn="complete_jobs")
+
+        # When the endpoint commits the ack but answers after 2 s
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed, match="ReadTimeout"):
+            rest.complete(claim_of(job))
+
+        # Then the call gave up after about half a second, and the ack itself was not lost
+        assert 0.4 < time.monotonic() - started < 1.5
+        assert row(db, job.id)["status"] == "completed"
+    finally:
+        rest.close()
+
+
+def test_an_unreachable_api_is_connection_closed() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    rest = RestTransport(url, "key", timeout_s=1.0, realtime=False)
+    try:
+        with pytest.raises(ConnectionClosed, match="ConnectError"):
+            rest.check_schema()
+        with pytest.raises(ConnectionClosed):
+            rest.ping(0.5)
+    finally:
+        rest.close()
+
+
+def test_ping_has_its_own_timeout(transport: RestTransport, endpoint: PostgrestEndpoint) -> None:
+    transport.ping(1.0)
+    endpoint.faults.delay(1.5, fn="queue_ping")
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed):
+        transport.ping(0.3)
+    assert time.monotonic() - started < 1.0
+    transport.ping(2.0)
+
+
+def test_missing_functions_give_the_startup_error(transport: RestTransport, db: Db) -> None:
+    db.execute("drop function public.queue_ping()")
+    db.execute("alter function public.claim_jobs(text, text, integer, integer) rename to claim_jobs_old")
+
+    with pytest.raises(QueueSchemaMissing, match=r"queue_ping.*PGRST202.*Apply the migrations"):
+        transport.check_schema()
+    with pytest.raises(QueueSchemaMissing, match="claim_jobs"):
+        transport.claim("worker-a", "default", 1, 1000)
+
+
+def test_other_database_errors_are_queue_errors(transport: RestTransport) -> None:
+    with pytest.raises(QueueError, match="22P02") as failed:
+        transport.complete(Claim("not-a-uuid", str(uuid.uuid4())))
+    assert not isinstance(failed.value, QueueAccessDenied | QueueSchemaMissing)
+
+
+def test_the_service_role_statement_timeout_applies_to_rpcs(database_url: str, db: Db) -> None:
+    # The migration gives service_role a statement timeout, which PostgREST applies to each request.
+    settings = db.execute(
+        "select s.setconfig from pg_db_role_setting s join pg_roles r on r.oid = s.setrole"
+        " where r.rolname = 'service_role' and s.setdatabase = 0"
+    ).fetchone()
+    assert settings is not None and any(c.startswith("statement_timeout=") for c in settings["setconfig"])
+
+    # Given a shorter one for this database only, and a slow function the service role may call
+    db.execute(
+        sql.SQL("alter role service_role in database {} set statement_timeout = '200ms'").format(
+            sql.Identifier(db.info.dbname)
+        )
+    )
+    db.execute("create function public.slow_call() returns void language sql as $$ select pg_sleep(2) $$")
+    db.execute("grant execute on function public.slow_call() to service_role")
+
+    with running_postgrest(database_url) as endpoint:
+        rest = RestTransport(endpoint.url, endpoint.service_role_key, timeout_s=5.0, realtime=False)
+        try:
+            # Then the database cancels the call, and the transport reports a transient failure
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed, match="57014"):
+                rest._rpc("slow_call")
+            assert time.monotonic() - started < 1.5
+        finally:
+            rest.close()
+
+
+def test_built_from_settings(endpoint: PostgrestEndpoint) -> None:
+    settings = load_settings(
+        supabase_url=endpoint.url,
+        supabase_service_role_key=endpoint.service_role_key,
+        queue_transport="rest",
+        max_concurrent_jobs=3,
+    )
+    rest = RestTransport.from_settings(settings)
+    try:
+        rest.check_schema()
+        assert rest.doorbell() is not None
+        assert endpoint.service_role_key not in repr(vars(rest))
+    finally:
+        rest.close()
