@@ -21,6 +21,7 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 COPY health ./health
 COPY service ./service
+COPY jobs ./jobs
 COPY tasks ./tasks
 COPY supabase ./supabase
 # Our own wheel, built with the locked build backend (no download at build time).

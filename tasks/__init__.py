@@ -17,7 +17,7 @@ from broker.errors import QueueAccessDenied, QueueSchemaMissing
 from service.errors import ConfigurationError
 from service.settings import Settings, load_settings
 from service.wiring import build_broker
-from tasks.coding import CodingJob, declare_coding_actor
+from jobs.coding import CodingJob, declare_coding_actor
 
 #: Exit code for configuration and schema mistakes: restarting will not fix them.
 EXIT_CONFIGURATION = 2

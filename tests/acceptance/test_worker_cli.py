@@ -187,7 +187,7 @@ def test_production_logs_are_json_carry_the_job_ids_and_no_secrets(
     rows = job_rows(db)
     for job_id in (producer_job, edge_job):
         job_records = [record for record in records if record.get("job_id") == job_id]
-        assert any(record["logger"].startswith("tasks.coding") for record in job_records), job_id
+        assert any(record["logger"].startswith("jobs.coding") for record in job_records), job_id
         for record in job_records:
             missing = [key for key in JOB_IDS if not record.get(key)]
             assert missing == [], f"{missing} missing from {record}"
@@ -198,7 +198,7 @@ def test_production_logs_are_json_carry_the_job_ids_and_no_secrets(
             assert correlation_ids == {correlation_id}
         else:
             assert len(correlation_ids) == 1 and correlation_id not in correlation_ids
-    coding_lines = [record for record in records if record["logger"].startswith("tasks.coding")]
+    coding_lines = [record for record in records if record["logger"].startswith("jobs.coding")]
     assert coding_lines and all(record.get("job_id") in (producer_job, edge_job) for record in coding_lines)
 
     # and neither the database password nor the service key appears anywhere

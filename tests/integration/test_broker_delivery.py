@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from datetime import timedelta
 from types import SimpleNamespace
 
+import jobs.coding as jobs_coding
 from broker.broker import SupabaseBroker
 from service.settings import load_settings
 from tests.support.actors import TableRuns, declare_test_actors
@@ -17,7 +18,6 @@ from tests.support.brokers import (
     Settlements,
     insert_job,
     job,
-    load_coding_module,
     running_worker,
     wait_for_all,
     wait_for_status,
@@ -42,9 +42,8 @@ def test_an_edge_function_row_is_completed_by_the_coding_actor(
     broker: SupabaseBroker, db: Db, database_url: str
 ) -> None:
     # Given the default coding actor, declared as `tasks` declares it
-    coding = load_coding_module()
     settings = load_settings(coding_job_duration_ms=0, database_url=database_url)
-    coding.declare_coding_actor(broker, coding.CodingJob(settings))
+    jobs_coding.declare_coding_actor(broker, jobs_coding.CodingJob(settings))
     session_id, project_id, user_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
 
     # When the Edge Function inserts a row with only the domain columns
@@ -55,7 +54,7 @@ def test_an_edge_function_row_is_completed_by_the_coding_actor(
     # Then a worker runs it to completion
     with running_worker(broker, threads=1):
         row = wait_for_status(db, job_id, "completed", RUN_TIMEOUT_S)
-    assert row["actor_name"] == coding.CODING_ACTOR_NAME
+    assert row["actor_name"] == jobs_coding.CODING_ACTOR_NAME
     assert row["kwargs"] == {
         "prompt": "add a button",
         "session_id": str(session_id),

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
 import dramatiq
@@ -31,7 +28,6 @@ STOP_TIMEOUT_MS = 10_000
 #: Seconds between checks of a waited-for condition.
 WAIT_STEP_S = 0.02
 #: The coding actor's module.
-CODING_MODULE_PATH = Path(__file__).resolve().parents[2] / "tasks" / "coding.py"
 
 Row = dict[str, Any]
 Db = psycopg.Connection[Row]
@@ -74,19 +70,6 @@ def build_broker(
     )
     broker.add_middleware(CurrentMessage())
     return broker
-
-
-def load_coding_module() -> ModuleType:
-    """tasks/coding.py on its own, for declaring the real coding actor on a test's broker.
-
-    `import tasks.coding` would first run tasks/__init__.py, which builds the whole worker from the
-    environment: settings, logging, a global broker, and in development even an embedded PostgreSQL.
-    """
-    spec = importlib.util.spec_from_file_location("coding_actor_under_test", CODING_MODULE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Settlements(Middleware):
