@@ -60,6 +60,10 @@ def loguru_level(level: LogLevel) -> str:
     return level.value.upper()
 
 
+#: Libraries that log every request at INFO; they speak at WARNING and above.
+CHATTY_LOGGERS = ("httpx", "httpcore", "hpack")
+
+
 def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> None:
     """Send every log line, loguru's and the standard library's, to one sink; safe to call again.
 
@@ -85,6 +89,9 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     # force=True replaces any handler set up before us; the dramatiq CLI's basicConfig then does nothing.
     logging.basicConfig(handlers=[InterceptHandler()], level=logger.level(level).no, force=True)
     logging.captureWarnings(True)
+    for name in CHATTY_LOGGERS:
+        # One line per HTTP request of the REST transport would drown the job lines.
+        logging.getLogger(name).setLevel(max(logging.WARNING, logger.level(level).no))
 
 
 class InterceptHandler(logging.Handler):
