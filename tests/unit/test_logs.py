@@ -225,7 +225,7 @@ def test_credentials_are_redacted_from_messages_fields_and_tracebacks() -> None:
     configure_logging(settings, stream=stream)
 
     logger.info("connecting to {}", DATABASE_URL)
-    logging.getLogger("httpx").info("key %s and dsn host=db password=%s", JWT, DATABASE_PASSWORD)
+    logging.getLogger("psycopg").warning("key %s and dsn host=db password=%s", JWT, DATABASE_PASSWORD)
     logger.bind(url=DATABASE_URL).info("settings are {}", settings)
     try:
         raise ValueError(f"cannot connect to {DATABASE_URL}")
