@@ -10,6 +10,8 @@ import sys
 
 import dramatiq
 from broker.log_context import JobLogContext
+from health.heartbeat import Heartbeat
+from health.server import HealthServer
 from dramatiq.middleware import CurrentMessage
 from service.logs import configure_logging
 
@@ -47,6 +49,9 @@ except (QueueSchemaMissing, QueueAccessDenied) as exc:
 broker.add_middleware(CurrentMessage())
 # First, so that its after-hooks run last and the other middlewares' lines about a job carry its ids.
 broker.add_middleware(JobLogContext(worker_id=broker.worker_id), before=type(broker.middleware[0]))
+# Heartbeat files for liveness and metrics; the health server runs as a dramatiq fork of this CLI.
+broker.add_middleware(Heartbeat(settings, broker))
+broker.add_middleware(HealthServer())
 dramatiq.set_broker(broker)
 
 run_coding_job = declare_coding_actor(broker, CodingJob(settings))

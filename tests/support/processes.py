@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,13 @@ KILL_WAIT_S = 10.0
 T = TypeVar("T")
 #: seconds to wait for the output reader after the process exited (children may hold the pipe a moment)
 READER_JOIN_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def cli_env(database_url: str | None, *, app_env: str = "production", **settings: object) -> dict[str, str]:
@@ -239,8 +247,9 @@ class WorkerProcesses:
         args = dramatiq_args(
             *modules, processes=processes, threads=threads, shutdown_timeout_ms=shutdown_timeout_ms
         )
-        # Heartbeat files go to a folder of this test's own, never a run folder shared with other runs.
-        process = CliProcess(args, {"RUN_DIR": str(self.cwd / "run"), **env}, self.cwd)
+        # Heartbeat files go to a folder of this test's own, and the health server to a port of its own.
+        own = {"RUN_DIR": str(self.cwd / "run"), "HEALTH_CHECK_PORT": str(free_port())}
+        process = CliProcess(args, {**own, **env}, self.cwd)
         self._started.append(process)
         return process
 

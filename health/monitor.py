@@ -1,0 +1,126 @@
+"""The queue monitor: one structured log line of queue statistics every QUEUE_STATS_INTERVAL_MS.
+
+It runs in the health server's process, which is one per container, and reads through the same cache as
+/metrics, so logging adds no queries of its own when a scrape has just read the stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from loguru import logger
+
+from health.stats_cache import StatsCache, StatsReading
+
+#: The statuses of public.job_status, in the order a line shows them.
+STATUSES = ("pending", "processing", "completed", "failed")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """What one monitor line says."""
+
+    #: queue name -> status -> jobs.
+    queues: dict[str, dict[str, int]]
+    #: status -> jobs over every queue.
+    totals: dict[str, int]
+    #: Seconds since the oldest pending job was created; None when nothing is pending.
+    oldest_pending_age_s: float | None
+    #: Jobs completed per minute since the previous line; None on the first line.
+    jobs_per_minute: float | None
+
+    def fields(self) -> dict[str, Any]:
+        """The log line's fields: flat numbers to filter on, and the per-queue counts as JSON."""
+        return {
+            **self.totals,
+            "queues": json.dumps(self.queues, separators=(",", ":"), sort_keys=True),
+            "oldest_pending_age_s": self.oldest_pending_age_s,
+            "jobs_per_minute": self.jobs_per_minute,
+        }
+
+
+def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSummary:
+    queues: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATUSES, 0))
+    totals = dict.fromkeys(STATUSES, 0)
+    oldest_pending: datetime | None = None
+    for stat in reading.stats:
+        queues[stat.queue_name][stat.status] = stat.jobs
+        totals[stat.status] = totals.get(stat.status, 0) + stat.jobs
+        if stat.status == "pending" and stat.oldest_created_at is not None:
+            oldest_pending = min(oldest_pending or stat.oldest_created_at, stat.oldest_created_at)
+    oldest_age_s = None
+    if oldest_pending is not None:
+        oldest_age_s = round(max(reading.read_at - oldest_pending.timestamp(), 0.0), 3)
+    return QueueSummary(
+        queues=dict(queues),
+        totals=totals,
+        oldest_pending_age_s=oldest_age_s,
+        jobs_per_minute=_jobs_per_minute(reading, previous),
+    )
+
+
+def _completed(reading: StatsReading) -> int:
+    return sum(stat.jobs for stat in reading.stats if stat.status == "completed")
+
+
+def _jobs_per_minute(reading: StatsReading, previous: StatsReading | None) -> float | None:
+    if previous is None or not previous.ok:
+        return None
+    elapsed_min = (reading.read_at - previous.read_at) / 60
+    delta = _completed(reading) - _completed(previous)
+    # A cached read seen twice has no elapsed time; a shrinking count means rows were deleted.
+    if elapsed_min <= 0 or delta < 0:
+        return None
+    return round(delta / elapsed_min, 2)
+
+
+class QueueMonitor:
+    """Logs a QueueSummary from a daemon thread every `interval_ms`."""
+
+    def __init__(self, cache: StatsCache, interval_ms: int) -> None:
+        self.cache = cache
+        self.interval_s = interval_ms / 1000
+        self._previous: StatsReading | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def log_once(self) -> QueueSummary | None:
+        """Read the (cached) stats and log one line; returns what it logged, None when the read failed."""
+        reading = self.cache.read()
+        log = logger.bind(event="queue_stats")
+        if not reading.ok:
+            log.bind(error=reading.error).warning("Queue statistics unavailable: {}", reading.error)
+            return None
+        summary = summarize(reading, self._previous)
+        if self._previous is None or reading.read_at != self._previous.read_at:
+            self._previous = reading
+        rate = "n/a" if summary.jobs_per_minute is None else f"{summary.jobs_per_minute:g}"
+        oldest = "none" if summary.oldest_pending_age_s is None else f"{summary.oldest_pending_age_s:.1f} s"
+        counts = ", ".join(f"{summary.totals.get(status, 0)} {status}" for status in STATUSES)
+        log.bind(**summary.fields()).info("Queue: {}; oldest pending {}; {} jobs/min", counts, oldest, rate)
+        return summary
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="queue-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.log_once()
+            except Exception:
+                logger.exception("The queue monitor failed to log; it keeps going")

@@ -1,0 +1,119 @@
+"""Pure logic of the health package: job counters, the monitor's summary, heartbeat files round-trip."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from broker.transport import QueueStat
+from health.job_counters import DURATION_BOUNDS_S, ActorJobStats, JobCounters
+from health.liveness import assess
+from health.monitor import summarize
+from health.run_folder import WorkerBeat, process_start, read_beats, write_beat
+from health.stats_cache import StatsReading
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_counters_count_processed_retried_failed_and_durations() -> None:
+    clock = FakeClock()
+    counters = JobCounters(clock)
+
+    # A job that succeeds after 2 s
+    counters.started("a")
+    assert counters.snapshot().in_progress == 1
+    clock.now += 2.0
+    counters.finished("a", "default", "work", errored=False)
+    counters.settled("a", "default", "work", failed=False)
+    # A job that raises, is retried, raises again and is dead-lettered
+    for attempt in range(2):
+        counters.started("b")
+        counters.finished("b", "default", "work", errored=True)
+        if attempt == 0:
+            counters.reenqueued("b", "default", "work")
+            counters.settled("b", "default", "work", failed=False)
+        else:
+            counters.settled("b", "default", "work", failed=True)
+    # A new message enqueued by a job is not a retry
+    counters.reenqueued("c", "default", "work")
+
+    snapshot = counters.snapshot()
+    [stats] = snapshot.jobs
+    assert (snapshot.in_progress, snapshot.processed) == (0, 3)
+    assert (stats.processed, stats.retried, stats.failed) == (3, 1, 1)
+    assert stats.duration_sum_s == 2.0
+    assert stats.duration_counts[DURATION_BOUNDS_S.index(2.5)] == 1
+    assert stats.duration_counts[0] == 2
+
+
+def test_a_skip_without_a_start_does_not_go_negative() -> None:
+    counters = JobCounters()
+    counters.skipped("never-started")
+    assert counters.snapshot().in_progress == 0
+
+
+def test_a_duration_on_a_bound_falls_in_that_bucket() -> None:
+    stats = ActorJobStats("q", "a")
+    stats.observe(1.0)
+    stats.observe(3601.0)
+    assert stats.duration_counts[DURATION_BOUNDS_S.index(1)] == 1
+    assert stats.duration_counts[-1] == 1
+
+
+def _reading(read_at: float, **jobs: int) -> StatsReading:
+    created = datetime.fromtimestamp(read_at, UTC) - timedelta(seconds=90)
+    return StatsReading(
+        stats=tuple(QueueStat("default", status, count, created, None) for status, count in jobs.items()),
+        read_at=read_at,
+    )
+
+
+def test_the_summary_has_counts_the_oldest_pending_age_and_a_rate() -> None:
+    first = summarize(_reading(1000.0, pending=5, completed=10), None)
+    second = summarize(_reading(1030.0, pending=2, completed=16), _reading(1000.0, pending=5, completed=10))
+
+    assert first.jobs_per_minute is None
+    assert first.totals == {"pending": 5, "processing": 0, "completed": 10, "failed": 0}
+    assert first.oldest_pending_age_s == 90.0
+    assert second.jobs_per_minute == 12.0
+    assert second.queues == {"default": {"pending": 2, "processing": 0, "completed": 16, "failed": 0}}
+
+
+def test_no_rate_from_the_same_cached_read_or_a_shrinking_count() -> None:
+    same = _reading(1000.0, completed=3)
+    assert summarize(same, same).jobs_per_minute is None
+    assert summarize(_reading(1060.0, completed=1), _reading(1000.0, completed=3)).jobs_per_minute is None
+
+
+def test_a_heartbeat_file_round_trips_and_temporary_files_are_ignored(tmp_path: Path) -> None:
+    stats = ActorJobStats("default", "work", processed=2, failed=1, retried=1)
+    stats.observe(0.3)
+    written = WorkerBeat(
+        pid=os.getpid(),
+        worker_id="host:1:abc",
+        process_start=process_start(os.getpid()),
+        started_at=1.0,
+        heartbeat_at=2.0,
+        written_at=3.0,
+        state="running",
+        jobs_in_progress=1,
+        jobs_processed=2,
+        jobs=(stats,),
+        duration_bounds_s=DURATION_BOUNDS_S,
+    )
+    write_beat(tmp_path, written)
+    (tmp_path / "worker-999.json.tmp").write_text("{half a fi", encoding="utf-8")
+    (tmp_path / "worker-998.json").write_text("not json", encoding="utf-8")
+
+    assert read_beats(tmp_path) == [written]
+    assert assess(tmp_path, 3.0, window_s=5.0).healthy
+    assert not assess(tmp_path, 30.0, window_s=5.0).healthy
