@@ -29,10 +29,10 @@ RUN /opt/build/bin/python -m pip wheel --no-deps --no-build-isolation --wheel-di
  && /opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl
 
 FROM ${BASE_IMAGE} AS runtime
-RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin worker
+RUN groupadd --system --gid 10001 worker \
+ && useradd --system --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin worker
 COPY --from=build /opt/venv /opt/venv
-# The SQL travels with the image, so `python -m service.migrate` works from the container.
-COPY --from=build --chown=worker:worker /src/supabase /app/supabase
+# The wheel carries the queue's SQL, so `python -m service.migrate --bootstrap` works from the image.
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -40,7 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     APP_ENV=production \
     RUN_DIR=/tmp/worker-run \
     HEALTH_CHECK_PORT=8080
-USER worker
+USER 10001:10001
 EXPOSE 8080
 # python is in the image; curl and wget are not. The probe asks /health on HEALTH_CHECK_PORT.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -3,7 +3,7 @@
 
     python3 scripts/dev.py run           set up .venv, enqueue demo jobs, run the worker (embedded database)
     python3 scripts/dev.py test [ARGS]   set up .venv, run pytest with ARGS (from the repository root)
-    python3 scripts/dev.py lock          regenerate requirements.lock and requirements-dev.lock with uv
+    python3 scripts/dev.py lock          regenerate the requirements*.lock files with uv
 
 Setup creates `.venv` when missing and installs `requirements-dev.lock` (hash-checked) and this project;
 it is skipped when neither the lock file nor pyproject.toml changed since the last setup.
@@ -91,18 +91,23 @@ def command_lock() -> None:
     uv = BIN / "uv"
     if not uv.exists():
         run(BIN / "python", "-m", "pip", "install", "uv")
-    common = [
+    options = ["--universal", "--python-version", "3.11", "--generate-hashes"]
+    options += ["--custom-compile-command", "python3 scripts/dev.py lock", "--quiet"]
+    run(uv, "pip", "compile", "pyproject.toml", *options, "--output-file", "requirements.lock")
+    run(
+        uv,
         "pip",
         "compile",
         "pyproject.toml",
-        "--universal",
-        "--python-version",
-        "3.11",
-        "--generate-hashes",
-    ]
-    common += ["--custom-compile-command", "python3 scripts/dev.py lock", "--quiet"]
-    run(uv, *common, "--output-file", "requirements.lock")
-    run(uv, *common, "--extra", "dev", "--output-file", "requirements-dev.lock")
+        *options,
+        "--extra",
+        "dev",
+        "--output-file",
+        "requirements-dev.lock",
+    )
+    # The Dockerfile builds our wheel with this backend, installed from hashes like everything else.
+    build_requirements = ROOT / "build-requirements.in"
+    run(uv, "pip", "compile", build_requirements, *options, "--output-file", "requirements-build.lock")
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,17 @@ from loguru import logger
 
 from service.errors import ConfigurationError, ServiceError
 
-SUPABASE_DIR = Path(__file__).resolve().parent.parent / "supabase"
+
+
+def _find_supabase_dir() -> Path:
+    """The repository's supabase/ folder; an installed wheel carries the same files as service/sql/."""
+    repository = Path(__file__).resolve().parent.parent / "supabase"
+    if (repository / "migrations").is_dir() and (repository / "bootstrap.sql").is_file():
+        return repository
+    return Path(__file__).resolve().parent / "sql"
+
+
+SUPABASE_DIR = _find_supabase_dir()
 
 #: Any fixed bigint works; every applier of this schema must use the same one.
 MIGRATION_LOCK_ID = 0x51_75_65_75_65_4D_69_67

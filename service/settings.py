@@ -59,6 +59,8 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         hide_input_in_errors=True,
+        # An empty value means "not set", as in .env.example.
+        env_ignore_empty=True,
     )
 
     database_url: SecretStr | None = None
