@@ -23,7 +23,6 @@ from loguru import logger
 from service.errors import ConfigurationError, ServiceError
 
 
-
 def _find_supabase_dir() -> Path:
     """The repository's supabase/ folder; an installed wheel carries the same files as service/sql/."""
     repository = Path(__file__).resolve().parent.parent / "supabase"

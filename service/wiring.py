@@ -40,7 +40,11 @@ def build_transport(settings: Settings) -> Transport:
 def build_broker(settings: Settings) -> SupabaseBroker:
     """The broker over the selected transport, with the queue's schema checked."""
     transport = build_transport(settings)
-    transport.check_schema()
+    try:
+        transport.check_schema()
+    except BaseException:
+        transport.close()  # a refused start-up leaves no connection behind
+        raise
     broker = SupabaseBroker(
         transport,
         lease_ms=settings.job_lease_ms,
