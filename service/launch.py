@@ -1,8 +1,9 @@
 """The container's command: check the settings, then become the stock `dramatiq` CLI.
 
 `python -m service.launch [extra dramatiq args]` execs `dramatiq tasks --processes WORKER_PROCESSES
---threads MAX_CONCURRENT_JOBS --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS`, so the settings (and a `.env` file) decide the thread count and the shutdown deadline in one place, and a
-configuration mistake stops the container before any process starts.
+--threads MAX_CONCURRENT_JOBS --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS`, so the settings (and a
+`.env` file) decide the thread count and the shutdown deadline in one place, and a configuration mistake
+stops the container before any process starts.
 """
 
 from __future__ import annotations

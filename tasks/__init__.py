@@ -9,17 +9,17 @@ from __future__ import annotations
 import sys
 
 import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from broker.errors import QueueAccessDenied, QueueSchemaMissing
 from broker.log_context import JobLogContext
 from health.heartbeat import Heartbeat
 from health.server import HealthServer
-from dramatiq.middleware import CurrentMessage
-from service.logs import configure_logging
-
-from broker.errors import QueueAccessDenied, QueueSchemaMissing
+from jobs.coding import CodingJob, declare_coding_actor
 from service.errors import ConfigurationError
+from service.logs import configure_logging
 from service.settings import Settings, load_settings
 from service.wiring import build_broker
-from jobs.coding import CodingJob, declare_coding_actor
 
 #: Exit code for configuration and schema mistakes: restarting will not fix them.
 EXIT_CONFIGURATION = 2
