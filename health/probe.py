@@ -9,8 +9,9 @@ import sys
 import urllib.error
 import urllib.request
 
-from service.errors import ConfigurationError
-from service.settings import load_settings
+from pydantic import ValidationError
+
+from service.settings import ProbeSettings
 
 #: Seconds the probe waits for /health; the Dockerfile's HEALTHCHECK --timeout is longer.
 PROBE_TIMEOUT_S = 3.0
@@ -30,9 +31,9 @@ def probe(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
 
 def main() -> int:
     try:
-        port = load_settings().health_check_port
-    except ConfigurationError as exc:
-        print(exc.render(), file=sys.stderr)
+        port = ProbeSettings().health_check_port
+    except ValidationError:
+        print("HEALTH_CHECK_PORT: must be a port number", file=sys.stderr)
         return 1
     healthy, detail = probe(port)
     print(detail, file=sys.stdout if healthy else sys.stderr)

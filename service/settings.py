@@ -219,3 +219,17 @@ def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) 
                 found.extend(f"{field.upper()}: {problem}" for field, problem in kept)
         return found
     return []
+
+
+class ProbeSettings(BaseSettings):
+    """Just what the container's health probe needs: it runs without the worker's secrets."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,
+    )
+
+    health_check_port: int = Field(8080, ge=1, le=65535)
