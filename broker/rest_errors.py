@@ -25,8 +25,8 @@ TRANSIENT_STATUSES = frozenset({429})
 
 
 def connection_closed(detail: str) -> ConnectionClosed:
-    """A ConnectionClosed saying which call was lost and how (dramatiq's errors are untyped)."""
-    return ConnectionClosed(detail)  # type: ignore[no-untyped-call]
+    """A ConnectionClosed saying which call was lost and how."""
+    return ConnectionClosed(detail)
 
 
 class RestCallFailed(Exception):

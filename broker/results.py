@@ -89,7 +89,7 @@ class PostgresResultBackend(ResultBackend):
         result = _poll(lambda: self._get(key), timeout_ms / 1000 if block else 0)
         if result is Missing:
             raise ResultTimeout(message) if block else ResultMissing(message)
-        return self.unwrap_result(result)
+        return self.unwrap_result(result)  # type: ignore[no-untyped-call]
 
     def _get(self, message_key: str) -> MResult:
         document = self.calls.value(

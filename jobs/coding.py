@@ -48,6 +48,5 @@ def declare_coding_actor(broker: dramatiq.Broker, job: CodingJob) -> dramatiq.Ac
     ) -> None:
         job.run(prompt, session_id, project_id, user_id)
 
-    return dramatiq.actor(
-        run_coding_job, actor_name=CODING_ACTOR_NAME, queue_name=CODING_QUEUE_NAME, broker=broker
-    )
+    declare = dramatiq.actor(actor_name=CODING_ACTOR_NAME, queue_name=CODING_QUEUE_NAME, broker=broker)
+    return declare(run_coding_job)
