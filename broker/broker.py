@@ -18,6 +18,7 @@ from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
 from broker.consumer import JobConsumer
+from broker.errors import ConnectionClosed
 from broker.leases import LeaseKeeper
 from broker.messages import JobProxy, error_text, new_job, stored_options
 from broker.transport import Doorbell, Transport
@@ -169,12 +170,28 @@ class SupabaseBroker(dramatiq.Broker):
     def _retry(self, proxy: JobProxy, delay_ms: int) -> Message[Any]:
         """Dramatiq's Retries re-enqueues the message it is processing: reschedule the same row instead."""
         self.emit_before("enqueue", proxy, delay_ms)
-        if not self.transport.retry(proxy.claim, delay_ms, error_text(proxy), stored_options(proxy)):
-            self.logger.warning("Job %s could not be retried: its lease was lost.", proxy.claim.job_id)
-        proxy.settled = True
-        self.forget(proxy)
+        proxy.pending_retry = (delay_ms, error_text(proxy), stored_options(proxy))
+        try:
+            self.send_pending_retry(proxy)
+        except ConnectionClosed as exc:
+            # Dramatiq's middleware hooks swallow errors, and the worker would then ack the failed run as a
+            # success. The ack sends the retry instead, and Dramatiq repeats an ack until the queue answers.
+            self.logger.warning(
+                "Job %s could not be retried yet; its ack will retry it: %s", proxy.claim.job_id, exc
+            )
         self.emit_after("enqueue", proxy, delay_ms)
         return proxy._message
+
+    def send_pending_retry(self, proxy: JobProxy) -> None:
+        """Reschedule a held job whose run failed; raises ConnectionClosed while the queue is unreachable."""
+        if proxy.pending_retry is None:
+            return
+        delay_ms, error, options = proxy.pending_retry
+        if not self.transport.retry(proxy.claim, delay_ms, error, options):
+            self.logger.warning("Job %s could not be retried: its lease was lost.", proxy.claim.job_id)
+        proxy.pending_retry = None
+        proxy.settled = True
+        self.forget(proxy)
 
     def _max_retries(self, message: Message[Any]) -> int:
         actor = self.actors.get(message.actor_name)

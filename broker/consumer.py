@@ -126,6 +126,9 @@ class JobConsumer(Consumer):
     def ack(self, message: MessageProxy) -> None:
         proxy = _job(message)
         proxy.finishing = True
+        if proxy.pending_retry is not None:
+            self.broker.send_pending_retry(proxy)  # its run failed: this "ack" is the retry Retries asked for
+            return
         if not proxy.settled:
             self.broker.acks.complete(proxy.claim)
         self.broker.forget(proxy)

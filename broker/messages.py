@@ -31,6 +31,8 @@ class JobProxy(MessageProxy):
         self.settled = False
         #: Set when the worker starts acking it, so a lease check racing the ack does not call it lost.
         self.finishing = False
+        #: (delay_ms, error, options) of a retry that could not reach the queue yet; the ack sends it.
+        self.pending_retry: tuple[int, str, dict[str, Any]] | None = None
 
 
 def job_id_for(message: Message[Any]) -> str:
