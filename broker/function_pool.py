@@ -1,4 +1,4 @@
-"""A small psycopg pool that calls the queue's SQL functions, for backends that live beside the transport."""
+"""A psycopg pool that calls the queue's SQL functions: how the direct transport and its backends talk."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg.rows import tuple_row
+from psycopg.rows import RowFactory, dict_row, tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
@@ -71,14 +71,14 @@ class FunctionPool:
         self._open_lock = threading.Lock()
 
     @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+    def _cursor(self, row_factory: RowFactory[Any] = tuple_row) -> Iterator[psycopg.Cursor[Any]]:
         if not self._opened:
             with self._open_lock:
                 if not self._opened:
                     self.pool.open(wait=False)
                     self._opened = True
         try:
-            with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
                 yield cur
         except PoolTimeout as exc:
             raise ConnectionClosed(exc) from None
@@ -97,12 +97,22 @@ class FunctionPool:
         dead connections: that hides connections the server closed while they sat in the pool. Other calls
         may have committed before the reply was lost, so they reach the caller as ConnectionClosed at once.
         """
+        rows = self._fetch(query, params, tuple_row, idempotent)
+        return rows[0][0] if rows else None
+
+    def rows(self, query: str, params: Sequence[Any], *, idempotent: bool) -> list[dict[str, Any]]:
+        """Every row of `query` as a dict; retried like `value`."""
+        rows: list[dict[str, Any]] = self._fetch(query, params, dict_row, idempotent)
+        return rows
+
+    def _fetch(
+        self, query: str, params: Sequence[Any], row_factory: RowFactory[Any], idempotent: bool
+    ) -> Any:
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
-                with self._cursor() as cur:
-                    row = cur.execute(query, params).fetchone()
-                    return None if row is None else row[0]
+                with self._cursor(row_factory) as cur:
+                    return cur.execute(query, params).fetchall()
             except ConnectionClosed:
                 if attempt == attempts:
                     raise

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
-import psycopg.errors
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
+from broker.errors import ConnectionClosed
+from broker.function_pool import FunctionPool
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
-
-T = TypeVar("T")
 
 #: The channel the queue's triggers notify on.
 NOTIFY_CHANNEL = "coding_jobs"
@@ -31,17 +26,6 @@ LISTEN_RETRY_S = 1.0
 APPLICATION_NAME = "queue-worker"
 
 
-def _translate(exc: psycopg.Error) -> Exception:
-    """Map a driver error to the queue's errors: lost connections become ConnectionClosed."""
-    if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):
-        return QueueSchemaMissing(exc.diag.message_primary or type(exc).__name__)
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-        return QueueAccessDenied(exc.diag.message_primary or "permission denied")
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return ConnectionClosed(exc)
-    return QueueError(f"{type(exc).__name__}: {exc.diag.message_primary or exc}")
-
-
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
     return [c.job_id for c in claims], [c.claim_token for c in claims]
 
@@ -49,127 +33,78 @@ def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
 class PostgresTransport(Transport):
     """The queue over a direct (or session-mode pooler) PostgreSQL connection.
 
-    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements.
+    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements. Calls that
+    are fenced by a claim token or change nothing are retried once on a fresh connection; an enqueue or a
+    claim is not, since its lost reply may hide a commit (ids make a producer's retry harmless, and a lost
+    claim comes back through its lease).
     """
 
     def __init__(self, url: str, *, pool_size: int = 4, poll_only: bool = False) -> None:
         self.url = url
         self.poll_only = poll_only
-        kwargs: dict[str, Any] = {"autocommit": True, "application_name": APPLICATION_NAME}
-        if poll_only:
-            kwargs["prepare_threshold"] = None
-        self.pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
+        #: Also lent to the result backends, so the whole worker shares one pool.
+        self.calls = FunctionPool(
             url,
-            min_size=1,
-            max_size=max(pool_size, 1),
-            kwargs={**kwargs, "row_factory": dict_row},
-            timeout=POOL_TIMEOUT_S,
-            open=False,
-            name="queue",
+            name=APPLICATION_NAME,
+            size=pool_size,
+            timeout_s=POOL_TIMEOUT_S,
+            prepared_statements=not poll_only,
         )
-        self._opened = False
-        self._open_lock = threading.Lock()
-
-    def _open(self) -> None:
-        with self._open_lock:
-            if not self._opened:
-                self.pool.open(wait=False)
-                self._opened = True
-
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        if not self._opened:
-            self._open()
-        try:
-            with self.pool.connection() as conn:
-                yield conn
-        except PoolTimeout as exc:
-            raise ConnectionClosed(exc) from None
-        except psycopg.Error as exc:
-            raise _translate(exc) from None
-
-    def _call(self, query: str, params: Sequence[Any], fetch: Callable[[psycopg.Cursor[Any]], T]) -> T:
-        # Idempotent-or-fenced calls: one immediate retry on a fresh connection hides a connection the server
-        # dropped while it sat in the pool; a second failure reaches Dramatiq as ConnectionClosed.
-        for attempt in (1, 2):
-            try:
-                with self._connection() as conn:
-                    return fetch(conn.execute(query, params))
-            except ConnectionClosed:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
     def check_schema(self) -> None:
-        self._call("select 1 from public.get_queue_stats() limit 0", (), lambda cur: cur.fetchall())
-        self._call(
-            "select 'public.claim_jobs(text, text, integer, integer)'::regprocedure",
-            (),
-            lambda cur: cur.fetchone(),
+        self.calls.value("select public.queue_ping()", (), idempotent=True)
+        self.calls.value(
+            "select 'public.claim_jobs(text, text, integer, integer)'::regprocedure", (), idempotent=True
         )
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])
-        # Not retried: a lost reply could hide a committed insert; ids make a producer's own retry harmless.
-        with self._connection() as conn:
-            row = conn.execute("select public.enqueue_jobs(%s) as n", (payload,)).fetchone()
-        return int(row["n"]) if row else 0
+        return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=False) or 0)
 
     def claim(self, worker_id: str, queue_name: str, limit: int, lease_ms: int) -> list[ClaimedJob]:
-        # Not retried either: a claim lost after commit is returned by its lease.
-        with self._connection() as conn:
-            rows = conn.execute(
-                "select * from public.claim_jobs(%s, %s, %s, %s)", (worker_id, queue_name, limit, lease_ms)
-            ).fetchall()
+        rows = self.calls.rows(
+            "select * from public.claim_jobs(%s, %s, %s, %s)",
+            (worker_id, queue_name, limit, lease_ms),
+            idempotent=False,
+        )
         return [ClaimedJob.from_row(row) for row in rows]
 
     def complete_many(self, claims: Sequence[Claim]) -> set[str]:
         if not claims:
             return set()
-        ids, tokens = _claims(claims)
-        rows = self._call(
-            "select public.complete_jobs(%s::uuid[], %s::uuid[]) as id",
-            (ids, tokens),
-            lambda cur: cur.fetchall(),
-        )
-        return {str(row["id"]) for row in rows}
+        query = "select public.complete_jobs(%s::uuid[], %s::uuid[]) as id"
+        return {str(row["id"]) for row in self.calls.rows(query, _claims(claims), idempotent=True)}
 
     def retry(self, claim: Claim, delay_ms: int, error: str, options: dict[str, Any]) -> bool:
-        return self._scalar(
-            "select public.retry_job(%s, %s, %s, %s, %s)",
-            (claim.job_id, claim.claim_token, delay_ms, error, Jsonb(options)),
-        )
+        params = (claim.job_id, claim.claim_token, delay_ms, error, Jsonb(options))
+        return bool(self.calls.value("select public.retry_job(%s, %s, %s, %s, %s)", params, idempotent=True))
 
     def dead_letter(self, claim: Claim, error: str) -> bool:
-        return self._scalar(
-            "select public.dead_letter_job(%s, %s, %s)", (claim.job_id, claim.claim_token, error)
-        )
+        params = (claim.job_id, claim.claim_token, error)
+        return bool(self.calls.value("select public.dead_letter_job(%s, %s, %s)", params, idempotent=True))
 
     def release(self, claims: Sequence[Claim]) -> int:
         if not claims:
             return 0
-        ids, tokens = _claims(claims)
-        return int(self._value("select public.release_jobs(%s::uuid[], %s::uuid[])", (ids, tokens)))
+        query = "select public.release_jobs(%s::uuid[], %s::uuid[])"
+        return int(self.calls.value(query, _claims(claims), idempotent=True) or 0)
 
     def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
         if not claims:
             return set()
         ids, tokens = _claims(claims)
-        rows = self._call(
-            "select public.extend_leases(%s::uuid[], %s::uuid[], %s) as id",
-            (ids, tokens, lease_ms),
-            lambda cur: cur.fetchall(),
-        )
-        return {str(row["id"]) for row in rows}
+        query = "select public.extend_leases(%s::uuid[], %s::uuid[], %s) as id"
+        return {str(row["id"]) for row in self.calls.rows(query, (ids, tokens, lease_ms), idempotent=True)}
 
     def requeue_expired_leases(self, queue_name: str | None = None) -> int:
-        return int(self._value("select public.requeue_expired_leases(%s)", (queue_name,)))
+        query = "select public.requeue_expired_leases(%s)"
+        return int(self.calls.value(query, (queue_name,), idempotent=True) or 0)
 
     def purge(self, queue_name: str) -> int:
-        return int(self._value("select public.purge_queue(%s)", (queue_name,)))
+        return int(self.calls.value("select public.purge_queue(%s)", (queue_name,), idempotent=True) or 0)
 
     def stats(self) -> list[QueueStat]:
-        rows = self._call("select * from public.get_queue_stats()", (), lambda cur: cur.fetchall())
+        rows = self.calls.rows("select * from public.get_queue_stats()", (), idempotent=True)
         return [
             QueueStat(
                 queue_name=row["queue_name"],
@@ -200,15 +135,7 @@ class PostgresTransport(Transport):
         return None if self.poll_only else ListenDoorbell(self.url)
 
     def close(self) -> None:
-        if self._opened:
-            self.pool.close()
-
-    def _value(self, query: str, params: Sequence[Any]) -> Any:
-        row = self._call(query, params, lambda cur: cur.fetchone())
-        return next(iter(row.values())) if row else None
-
-    def _scalar(self, query: str, params: Sequence[Any]) -> bool:
-        return bool(self._value(query, params))
+        self.calls.close()
 
 
 class ListenDoorbell(Doorbell):

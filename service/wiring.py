@@ -50,16 +50,18 @@ def build_broker(settings: Settings) -> SupabaseBroker:
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
     )
-    add_result_backends(broker, settings)
+    add_result_backends(broker)
     return broker
 
 
-def add_result_backends(broker: SupabaseBroker, settings: Settings) -> None:
-    """Results and group callbacks in the queue's database (direct transport only, for now)."""
-    if settings.transport is not TransportKind.postgres:
+def add_result_backends(broker: SupabaseBroker) -> None:
+    """Results and group callbacks in the queue's database, on the transport's pool (direct only)."""
+    from broker.postgres import PostgresTransport
+
+    if not isinstance(broker.transport, PostgresTransport):
         return
     from broker.results import PostgresRateLimiterBackend, PostgresResultBackend
 
-    url, prepared = database_url(settings), not settings.database_poll_only
-    broker.add_middleware(Results(backend=PostgresResultBackend(url, prepared_statements=prepared)))
-    broker.add_middleware(GroupCallbacks(PostgresRateLimiterBackend(url, prepared_statements=prepared)))
+    pool = broker.transport.calls.pool
+    broker.add_middleware(Results(backend=PostgresResultBackend(pool=pool)))
+    broker.add_middleware(GroupCallbacks(PostgresRateLimiterBackend(pool=pool)))
