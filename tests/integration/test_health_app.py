@@ -30,6 +30,7 @@ from health.runtime import build_runtime
 from health.stats_cache import StatsCache
 from service.settings import load_settings
 from tests.support.databases import DatabaseServer
+from tests.support.postgrest import running_postgrest
 from tests.support.processes import Rows, insert_edge_jobs, with_credentials
 
 if TYPE_CHECKING:
@@ -498,3 +499,40 @@ def test_the_monitor_reports_an_unreachable_database(database_url: str, log_reco
     [line] = [record for record in log_records if record["extra"].get("event") == "queue_stats"]
     assert line["level"].name == "WARNING"
     assert "unavailable" in line["message"]
+
+
+def test_readiness_and_metrics_over_rest(
+    db: Rows, database_url: str, run_dir: Path
+) -> None:
+    # Given the health app built from settings that select the Supabase REST transport
+    insert_edge_jobs(db, 2)
+    with running_postgrest(database_url) as endpoint:
+        settings = load_settings(
+            _env_file=None,
+            queue_transport="rest",
+            supabase_url=endpoint.url,
+            supabase_service_role_key=endpoint.service_role_key,
+            run_dir=run_dir,
+            heartbeat_stale_ms=WINDOW_MS,
+            stats_cache_ms=0,
+        )
+        beat(run_dir)
+        runtime = build_runtime(settings)
+        try:
+            client = testing.TestClient(runtime.app)
+            # Then readiness asks the queue over HTTP, and /metrics shows the depth it read there
+            assert client.simulate_get("/ready").status_code == 200
+            assert metrics(client)["queue_jobs"][(("queue", "default"), ("status", "pending"))] == 2
+            assert endpoint.calls["queue_ping"] >= 1
+            assert endpoint.service_role_key not in client.simulate_get("/ready").text
+        finally:
+            runtime.close()
+
+    # And when the project is unreachable, readiness fails while liveness holds
+    runtime = build_runtime(settings)
+    try:
+        client = testing.TestClient(runtime.app)
+        assert client.simulate_get("/ready").status_code == 503
+        assert client.simulate_get("/health").status_code == 200
+    finally:
+        runtime.close()
