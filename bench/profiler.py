@@ -25,7 +25,7 @@ WRITE_TIMEOUT_S = 30.0
 #: Where a worker thread or the consumer thread is, judged by a frame on its stack, first match wins.
 ACTIVITIES: dict[str, list[tuple[str, str]]] = {
     "WorkerThread.run": [
-        ("JobConsumer.ack", "ack: complete_job round trip"),
+        ("JobConsumer.ack", "ack: queued for the ack flusher"),
         ("_RabbitmqConsumer.ack", "ack (RabbitMQ, queued for the I/O thread)"),
         ("Queue.get", "waiting for a message: work queue empty"),
         ("process_message", "running middleware and the actor"),

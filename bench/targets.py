@@ -32,6 +32,8 @@ STATS_FLUSH_TIMEOUT_S = 5.0
 WORKER_FUNCTIONS = (
     "claim_jobs",
     "complete_job",
+    "complete_jobs",
+    "requeue_expired_leases",
     "extend_leases",
     "release_jobs",
     "retry_job",
