@@ -501,9 +501,7 @@ def test_the_monitor_reports_an_unreachable_database(database_url: str, log_reco
     assert "unavailable" in line["message"]
 
 
-def test_readiness_and_metrics_over_rest(
-    db: Rows, database_url: str, run_dir: Path
-) -> None:
+def test_readiness_and_metrics_over_rest(db: Rows, database_url: str, run_dir: Path) -> None:
     # Given the health app built from settings that select the Supabase REST transport
     insert_edge_jobs(db, 2)
     with running_postgrest(database_url) as endpoint:

@@ -36,14 +36,7 @@ DATABASE_URL = f"postgresql://worker:{DATABASE_PASSWORD}@127.0.0.1:1/queue"
 JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
 
 
-@pytest.fixture(autouse=True)
-def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting from the developer's shell or .env reaches these tests."""
-    settings_names = set(Settings.model_fields)
-    for name in list(os.environ):
-        if name.lower() in settings_names:
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.fixture(autouse=True)

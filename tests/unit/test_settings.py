@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from service.errors import ConfigurationError
-from service.settings import AppEnv, LogLevel, Settings, TransportKind, load_settings
+from service.settings import AppEnv, LogLevel, TransportKind, load_settings
 
 DATABASE_PASSWORD = "s3cret-database-password"
 DATABASE_URL = f"postgresql://worker:{DATABASE_PASSWORD}@db.example.test:5432/queue"
@@ -16,14 +15,7 @@ SERVICE_ROLE_KEY = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2Vydml
 SUPABASE_URL = "https://project.supabase.test"
 
 
-@pytest.fixture(autouse=True)
-def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting from the developer's shell or .env reaches these tests."""
-    settings_names = set(Settings.model_fields)
-    for name in list(os.environ):
-        if name.lower() in settings_names:
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 def problems_of(monkeypatch: pytest.MonkeyPatch, **environment: str) -> list[str]:
