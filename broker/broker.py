@@ -54,6 +54,7 @@ class SupabaseBroker(dramatiq.Broker):
         lease_ms: int = DEFAULT_LEASE_MS,
         poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        claim_ahead: int | None = None,
     ) -> None:
         if middleware is None:
             middleware = [m() for m in default_middleware if m is not Retries]
@@ -63,6 +64,10 @@ class SupabaseBroker(dramatiq.Broker):
         self.queues: set[str] = set()
         self.worker_id = worker_id or default_worker_id()
         self.lease_ms = lease_ms
+        #: Jobs a worker process may hold beyond its threads, across all its queues; None keeps Dramatiq's
+        #: per-queue prefetch (twice the threads), which suits short jobs best.
+        self.claim_ahead = claim_ahead
+        self._worker_threads: int | None = None
         self.poll_interval_s = poll_interval_ms / 1000
         #: time.time() of the last consumer iteration: the health check's sign of life.
         self.last_tick = time.time()
@@ -80,7 +85,13 @@ class SupabaseBroker(dramatiq.Broker):
     # -- Dramatiq's contract ----------------------------------------------------------------------------
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> JobConsumer:
         self._start_background()
-        return JobConsumer(self, queue_name, prefetch, timeout)
+        return JobConsumer(self, queue_name, self.prefetch_for(prefetch), timeout)
+
+    def prefetch_for(self, prefetch: int) -> int:
+        """How many jobs one consumer may hold: Dramatiq's prefetch, or the threads plus claim_ahead."""
+        if self.claim_ahead is None or self._worker_threads is None:
+            return prefetch
+        return max(1, self._worker_threads + self.claim_ahead)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name not in self.queues:
@@ -117,7 +128,9 @@ class SupabaseBroker(dramatiq.Broker):
             time.sleep(interval / 1000)
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        if signal == "worker_shutdown":
+        if signal == "worker_boot":
+            self._worker_threads = args[0].worker_threads
+        elif signal == "worker_shutdown":
             self._stop_claiming()
         super().emit_before(signal, *args, **kwargs)
 
@@ -150,6 +163,9 @@ class SupabaseBroker(dramatiq.Broker):
         return self._held.get(proxy.claim.job_id) is proxy
 
     def held_count(self, queue_name: str) -> int:
+        """Jobs held for this queue; with claim_ahead set, for every queue, since they share the threads."""
+        if self.claim_ahead is not None:
+            return len(self._held)
         return self._held_by_queue[queue_name]
 
     def held_jobs(self) -> list[JobProxy]:

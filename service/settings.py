@@ -73,6 +73,9 @@ class Settings(BaseSettings):
 
     poll_interval_ms: int = Field(10_000, ge=50, le=3_600_000)
     max_concurrent_jobs: int = Field(1, ge=1, le=256)
+    #: Jobs a worker process may claim beyond its free threads. 0: it never holds a job it cannot start, so
+    #: an idle container takes the next long job; raise it for many short jobs (more throughput).
+    claim_ahead_jobs: int = Field(0, ge=0, le=10_000)
     #: Worker processes per container (`--processes`); scale out by adding containers.
     worker_processes: int = Field(1, ge=1, le=64)
     shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)

@@ -49,6 +49,7 @@ def build_broker(settings: Settings) -> SupabaseBroker:
         transport,
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
+        claim_ahead=settings.claim_ahead_jobs,
     )
     add_result_backends(broker)
     return broker

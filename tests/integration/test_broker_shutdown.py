@@ -135,3 +135,26 @@ def test_the_lease_of_a_running_job_is_extended(make_broker: BrokerFactory, db: 
         wait_for_status(db, message.message_id, "completed", SETTLE_TIMEOUT_S)
 
     assert len(actors.runs.of("slow", "started")) == 1
+
+
+@pytest.mark.parametrize("claim_ahead", [0, None], ids=["free-threads-only", "dramatiq-prefetch"])
+def test_claim_ahead_zero_never_holds_a_job_it_cannot_start(
+    make_broker: BrokerFactory, db: Db, claim_ahead: int | None
+) -> None:
+    # Given two slow jobs and a worker with one thread
+    broker = make_broker(claim_ahead=claim_ahead)
+    actors = declare_test_actors(broker)
+    first, second = (actors.slow.send(f"long-{i}", SLOW_JOB_MS * 3) for i in range(2))
+
+    with running_worker(broker, threads=1):
+        # When it has started one of them
+        wait_until(lambda: claimed(db) >= 1, SETTLE_TIMEOUT_S, "a job to be claimed")
+        time.sleep(0.5)  # what it claimed in the same round trip is in the table by now
+
+        # Then with claim_ahead=0 the other waits in the queue for any idle worker; with Dramatiq's prefetch
+        # (twice the threads) this worker holds it too, although it cannot start it yet
+        statuses = sorted(job(db, m.message_id)["status"] for m in (first, second))
+        if claim_ahead == 0:
+            assert statuses == ["pending", "processing"]
+        else:
+            assert statuses == ["processing", "processing"]

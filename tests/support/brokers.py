@@ -63,10 +63,15 @@ def build_broker(
     poll_interval_ms: int = TEST_POLL_INTERVAL_MS,
     lease_ms: int = 60_000,
     worker_id: str | None = None,
+    claim_ahead: int | None = None,
 ) -> SupabaseBroker:
     """A SupabaseBroker as `tasks` builds one, with the CurrentMessage middleware the test actors need."""
     broker = SupabaseBroker(
-        transport, poll_interval_ms=poll_interval_ms, lease_ms=lease_ms, worker_id=worker_id
+        transport,
+        poll_interval_ms=poll_interval_ms,
+        lease_ms=lease_ms,
+        worker_id=worker_id,
+        claim_ahead=claim_ahead,
     )
     broker.add_middleware(CurrentMessage())
     return broker
