@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def beat_path(run_dir: Path, pid: int) -> Path:
 def write_beat(run_dir: Path, beat: WorkerBeat) -> None:
     """Replace this process's heartbeat file in one step."""
     path = beat_path(run_dir, beat.pid)
-    temporary = path.with_name(path.name + ".tmp")
+    # One temporary file per writing thread: the heartbeat thread and a shutdown hook may write at once.
+    temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
     temporary.write_text(json.dumps(beat.as_json()), encoding="utf-8")
     os.replace(temporary, path)
 

@@ -40,7 +40,10 @@ def _load() -> Settings:
 
 
 settings = _load()
-configure_logging(settings)
+# Straight to the process's own stderr, not the pipe the dramatiq CLI hands its worker processes: the main
+# process stops reading that pipe as soon as they exit, which lost their last lines ("Worker has been shut
+# down"). Each line is one write, so lines of several processes do not interleave.
+configure_logging(settings, stream=sys.__stderr__)
 try:
     broker = build_broker(settings)
 except (QueueSchemaMissing, QueueAccessDenied) as exc:

@@ -108,7 +108,9 @@ def _start_with_a_prefetched_job(
 ) -> tuple[CliProcess, str, int]:
     """One thread busy with a 2-second job and more jobs waiting: (the CLI, the running job, jobs held)."""
     insert_edge_jobs(db, 4)
-    env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=2000, log_level="debug")
+    env = cli_env(
+        database_url, poll_interval_ms=200, coding_job_duration_ms=2000, log_level="debug", claim_ahead_jobs=1
+    )
     cli = workers.start(env, threads=1, shutdown_timeout_ms=10_000)
     _, started = cli.wait_for_line(r'"Coding job started', BOOT_S)
     running_job = re.search(r'"job_id":"([0-9a-f-]+)"', started)
@@ -121,7 +123,7 @@ def _start_with_a_prefetched_job(
 def test_prefetched_jobs_go_back_to_pending_at_shutdown(
     db: Rows, database_url: str, workers: WorkerProcesses
 ) -> None:
-    # Given one thread busy with a job and another job prefetched behind it
+    # Given one thread busy with a job and another job prefetched behind it (CLAIM_AHEAD_JOBS=1)
     cli, running_job, _ = _start_with_a_prefetched_job(db, database_url, workers)
 
     # When SIGTERM comes
@@ -142,7 +144,7 @@ def test_prefetched_jobs_go_back_to_pending_at_shutdown(
 def test_shutdown_stops_claiming_first_and_logs_each_step(
     db: Rows, database_url: str, workers: WorkerProcesses
 ) -> None:
-    # Given one thread busy with a job and another job prefetched behind it
+    # Given one thread busy with a job and another job prefetched behind it (CLAIM_AHEAD_JOBS=1)
     cli, _, held = _start_with_a_prefetched_job(db, database_url, workers)
 
     # When SIGTERM comes
@@ -163,7 +165,7 @@ def test_a_killed_worker_process_stops_the_cli_and_no_claimed_job_is_lost(
 ) -> None:
     # Given two worker processes, each holding a long job and a prefetched one
     job_ids = insert_edge_jobs(db, 6)
-    env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=30_000)
+    env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=30_000, claim_ahead_jobs=1)
     cli = workers.start(env, processes=2, threads=1, shutdown_timeout_ms=1000)
 
     def holders() -> set[str]:
