@@ -94,9 +94,12 @@ class JobConsumer(Consumer):
         with self._cond:
             if self._should_claim():
                 return
-            timeout = min(remaining_s, max(self._next_poll - time.monotonic(), 0.0))
-            if self._due_s:
-                timeout = min(timeout, max(self._due_s[0] - time.time(), 0.0))
+            timeout = remaining_s
+            # Poll and due times only matter with room to claim; otherwise an ack or a ring wakes us.
+            if self.broker.claiming and self._capacity() >= 1:
+                timeout = min(timeout, max(self._next_poll - time.monotonic(), 0.0))
+                if self._due_s:
+                    timeout = min(timeout, max(self._due_s[0] - time.time(), 0.0))
             self._cond.wait(timeout)
 
     def _claim(self) -> None:
@@ -145,10 +148,9 @@ class JobConsumer(Consumer):
         self._release(proxies)
 
     def capacity_freed(self) -> None:
-        """Called when a job of this queue is let go: wake the consumer if the last batch was full."""
-        if self._more and self._capacity() >= self._refill_at:
-            with self._cond:
-                self._cond.notify()
+        """Called when a held job is let go: a consumer waiting for room may claim again."""
+        with self._cond:
+            self._cond.notify()
 
     def _release(self, proxies: list[JobProxy]) -> None:
         pending = [p for p in proxies if not p.settled]
