@@ -1,7 +1,8 @@
 """The worker's entry point: `dramatiq tasks` imports this module.
 
 Importing it builds the settings, sets up logging and the broker, and declares the actors. A configuration
-mistake ends the process with one clear message and exit code 2, before any work starts.
+mistake ends the process with one clear message and exit code 2, before any work starts; a queue that cannot
+be reached, with exit code 3 (Dramatiq's own code for it), so the restart policy tries again.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import sys
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
+from loguru import logger
 
-from broker.errors import QueueAccessDenied, QueueSchemaMissing
+from broker.errors import ConnectionClosed, QueueAccessDenied, QueueSchemaMissing
 from broker.log_context import JobLogContext
 from health.heartbeat import Heartbeat
 from health.server import HealthServer
@@ -23,20 +25,18 @@ from service.wiring import build_broker
 
 #: Exit code for configuration and schema mistakes: restarting will not fix them.
 EXIT_CONFIGURATION = 2
-
-
-def _fail(message: str) -> None:
-    sys.stderr.write(message.rstrip() + "\n")
-    sys.stderr.flush()
-    raise SystemExit(EXIT_CONFIGURATION)
+#: Exit code when the queue cannot be reached at start-up (dramatiq.cli.RET_CONNECT).
+EXIT_UNREACHABLE = 3
 
 
 def _load() -> Settings:
     try:
         return load_settings()
     except ConfigurationError as exc:
-        _fail(exc.render())
-        raise  # unreachable: _fail exits
+        # No settings, so no log format yet: one plain message.
+        sys.stderr.write(exc.render() + "\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIGURATION) from None
 
 
 settings = _load()
@@ -47,8 +47,11 @@ configure_logging(settings, stream=sys.__stderr__)
 try:
     broker = build_broker(settings)
 except (QueueSchemaMissing, QueueAccessDenied) as exc:
-    _fail(str(exc))
-    raise
+    logger.critical("{}", exc)
+    raise SystemExit(EXIT_CONFIGURATION) from None
+except ConnectionClosed as exc:
+    logger.critical("Cannot reach the queue ({}); check DATABASE_URL or SUPABASE_URL.", exc)
+    raise SystemExit(EXIT_UNREACHABLE) from None
 broker.add_middleware(CurrentMessage())
 # First, so that its after-hooks run last and the other middlewares' lines about a job carry its ids.
 broker.add_middleware(JobLogContext(worker_id=broker.worker_id), before=type(broker.middleware[0]))

@@ -35,6 +35,8 @@ BOOT_S = 30.0
 STOP_S = 15.0
 #: seconds for a CLI that must refuse to start to give up
 REFUSE_S = 20.0
+#: Seconds the CLI may take to give up on a database that does not answer (two 10 s pool waits, then exit).
+UNREACHABLE_S = 45.0
 #: The ids every line written while a job runs must carry.
 JOB_IDS = ("job_id", "session_id", "message_id", "worker_id", "correlation_id")
 #: The test actors' module; under the CLI its actors record each run in public.test_runs.
@@ -246,3 +248,24 @@ def test_missing_migrations_are_reported_without_a_traceback(
     assert code == 2, output
     assert "apply the migrations" in output.lower(), output
     assert "Traceback" not in output, output
+    # and, in production, says it as a JSON log line
+    assert any(
+        parsed is not None and parsed["level"] == "CRITICAL" and "migrations" in parsed["message"]
+        for _, parsed in iter_json(cli.lines)
+    ), output
+
+
+def test_an_unreachable_database_is_reported_without_a_traceback(workers: WorkerProcesses) -> None:
+    # Given a DATABASE_URL (with a password) that nothing answers on
+    password = "Unreachable-S3cret"
+    env = cli_env(f"postgresql://worker:{password}@127.0.0.1:1/queue", app_env="production")
+
+    # When the CLI starts
+    cli = workers.start(env)
+    code = cli.wait(UNREACHABLE_S)
+
+    # Then it exits with Dramatiq's connection-failure code and says so, with no secret and no traceback
+    output = cli.output
+    assert code == 3, output
+    assert "Cannot reach the queue" in output, output
+    assert "Traceback" not in output and password not in output, output
