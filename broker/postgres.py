@@ -1,17 +1,20 @@
-"""The direct PostgreSQL transport: psycopg 3 with a connection pool, LISTEN for wake-ups."""
+"""The direct PostgreSQL transport: psycopg 3 with a connection pool, LISTEN for wake-ups when it can work."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+from dramatiq.logging import get_logger
 from psycopg.types.json import Jsonb
 
-from broker.errors import ConnectionClosed
-from broker.function_pool import FunctionPool
+from broker.function_pool import DEFAULT_STATEMENT_TIMEOUT_MS, FunctionPool
+from broker.polling import IDLE_RING_MS, PollingDoorbell
+from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
 
 #: The channel the queue's triggers notify on.
@@ -31,25 +34,53 @@ def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
 
 
 class PostgresTransport(Transport):
-    """The queue over a direct (or session-mode pooler) PostgreSQL connection.
+    """The queue over PostgreSQL: a direct connection, or a session- or transaction-mode pooler.
 
-    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements. Calls that
-    are fenced by a claim token or change nothing are retried once on a fresh connection; an enqueue or a
-    claim is not, since its lost reply may hide a commit (ids make a producer's retry harmless, and a lost
-    claim comes back through its lease).
+    Whether the URL gives sessions of our own is found out once, on first use (`session_semantics()`): only
+    then do the pool's connections allow server-side prepared statements, and the doorbell LISTEN; otherwise
+    the doorbell polls (`broker.polling`). `poll_only` (DATABASE_POLL_ONLY) skips the detection and behaves as
+    behind a transaction pooler. Every call carries its own statement timeout (`broker.function_pool`).
+
+    Calls that are fenced by a claim token or change nothing are retried once on a fresh connection; an
+    enqueue or a claim is not, since its lost reply may hide a commit (ids make a producer's retry harmless,
+    and a lost claim comes back through its lease).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4, poll_only: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        poll_only: bool = False,
+        application_name: str = APPLICATION_NAME,
+        statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    ) -> None:
         self.url = url
         self.poll_only = poll_only
+        self.logger = get_logger(__name__, type(self))
+        self._semantics = CachedSemantics(self._detect)
+        #: Monotonic time of the last claim that found jobs: the polling doorbell's sign of a busy queue.
+        self.last_work_at: float | None = None
         #: Also lent to the result backends, so the whole worker shares one pool.
         self.calls = FunctionPool(
             url,
-            name=APPLICATION_NAME,
+            name=application_name,
             size=pool_size,
             timeout_s=POOL_TIMEOUT_S,
-            prepared_statements=not poll_only,
+            statement_timeout_ms=statement_timeout_ms,
+            prepared_statements=lambda: self.session_semantics().session_state,
         )
+
+    def session_semantics(self) -> SessionSemantics:
+        """Whether this URL gives sessions of our own (detected once per process; ConnectionClosed if it
+        cannot be told, such as a pooler with no free server connection)."""
+        return self._semantics.get()
+
+    def _detect(self) -> SessionSemantics:
+        found = poll_only() if self.poll_only else detect_session_semantics(self.url)
+        kind = "sessions of our own" if found.session_state else "no session state (transaction pooling)"
+        self.logger.info("Database connection: %s: %s.", kind, found.reason)
+        return found
 
     def check_schema(self) -> None:
         self.calls.value("select public.queue_ping()", (), idempotent=True)
@@ -67,6 +98,8 @@ class PostgresTransport(Transport):
             (worker_id, queue_name, limit, lease_ms),
             idempotent=False,
         )
+        if rows:
+            self.last_work_at = time.monotonic()
         return [ClaimedJob.from_row(row) for row in rows]
 
     def complete_many(self, claims: Sequence[Claim]) -> set[str]:
@@ -117,22 +150,19 @@ class PostgresTransport(Transport):
         ]
 
     def ping(self, timeout_s: float) -> None:
-        # A fresh connection, not the pool: readiness must not queue behind busy worker threads.
-        try:
-            with psycopg.connect(
-                self.url,
-                connect_timeout=max(1, round(timeout_s)),
-                autocommit=True,
-                application_name=APPLICATION_NAME,
-            ) as conn:
-                timeout = f"{int(timeout_s * 1000)}ms"
-                conn.execute("select set_config('statement_timeout', %s, false)", (timeout,))
-                conn.execute("select public.queue_ping()")
-        except psycopg.Error as exc:
-            raise ConnectionClosed(exc) from None
+        # Through the pool, bounded like any call but by the readiness timeout: no extra connection per probe,
+        # which in a full session-mode pooler would fail readiness for want of a server connection alone.
+        timeout_ms = max(1, int(timeout_s * 1000))
+        self.calls.value("select public.queue_ping()", (), idempotent=True, timeout_ms=timeout_ms)
 
     def doorbell(self) -> Doorbell | None:
-        return None if self.poll_only else ListenDoorbell(self.url)
+        if self.session_semantics().session_state:
+            return ListenDoorbell(self.url)
+        self.logger.info(
+            "No LISTEN on this connection: polling for new jobs every %d ms when idle, sooner after work.",
+            IDLE_RING_MS,
+        )
+        return PollingDoorbell(lambda: self.last_work_at)
 
     def close(self) -> None:
         self.calls.close()
