@@ -117,10 +117,20 @@ def test_concurrent_appliers_apply_each_migration_once(empty_database: str) -> N
     for thread in threads:
         thread.join(THREAD_TIMEOUT_S)
 
-    # Then neither failed, one applied everything and the other found nothing left to do
+    # Then neither failed, and they took turns: each migration applied once, by one of them, in order
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
-    assert sorted(results) == [[], migration_versions()]
+    first, second = results
+    assert sorted(first + second) == migration_versions()
+    assert first == sorted(first) and second == sorted(second)
+    with psycopg.connect(empty_database) as conn:
+        history = conn.execute("select version from supabase_migrations.schema_migrations").fetchall()
+        locks = conn.execute(
+            "select count(*) from pg_locks where locktype = 'advisory'"
+            " and database = (select oid from pg_database where datname = current_database())"
+        ).fetchone()
+    assert sorted(version for (version,) in history) == migration_versions()
+    assert locks == (0,)
 
 
 def test_a_failing_migration_leaves_the_previous_version(empty_database: str, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from broker.pooling import detect_session_semantics, listen_delivers, ring_from
 from broker.postgres import PostgresTransport
 from broker.transport import Claim, NewJob
 from health.readiness import ReadinessProbe
+from service.migrate import apply_migrations
 from tests.support.actors import declare_test_actors
 from tests.support.brokers import Db, build_broker, insert_job, running_worker, wait_for_status
 from tests.support.databases import DatabaseServer
@@ -170,6 +171,28 @@ def test_readiness_probes_leave_no_statement_timeout_in_the_pool(
 
 
 # -- finding 3: migrations ------------------------------------------------------------------------------
+def test_migrate_through_a_transaction_pooler_leaves_no_advisory_lock(
+    transaction_pooler: PgBouncer, database_server: DatabaseServer
+) -> None:
+    name = f"migrate_{uuid.uuid4().hex[:12]}"
+    url = database_server.create_database(name)
+    try:
+        # Given migrations applied through the transaction pooler
+        assert apply_migrations(transaction_pooler.url(url), bootstrap=True)
+
+        # Then no advisory lock stays behind on the server
+        with psycopg.connect(url, autocommit=True) as conn:
+            locks = conn.execute(
+                "select pid, objid from pg_locks where locktype = 'advisory' and database ="
+                " (select oid from pg_database where datname = current_database())"
+            ).fetchall()
+        assert locks == []
+
+        # And another applier through the pooler finds nothing to do, promptly
+        assert apply_migrations(transaction_pooler.url(url), bootstrap=True) == []
+    finally:
+        transaction_pooler.stop()  # its server connections hold the database open
+        database_server.drop(name)
 
 
 # -- issue 10 item 10: our own statements are bounded on our own connections ------------------------------
