@@ -13,7 +13,7 @@ from dramatiq.logging import get_logger
 from psycopg.types.json import Jsonb
 
 from broker.function_pool import DEFAULT_STATEMENT_TIMEOUT_MS, FunctionPool
-from broker.polling import IDLE_RING_MS, PollingDoorbell
+from broker.polling import PollingDoorbell, PollPolicy
 from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
 
@@ -54,9 +54,16 @@ class PostgresTransport(Transport):
         poll_only: bool = False,
         application_name: str = APPLICATION_NAME,
         statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+        sessions: bool = True,
+        poll_policy: PollPolicy | None = None,
     ) -> None:
         self.url = url
         self.poll_only = poll_only
+        #: False for a process that needs no session state (the health server): no probe, no prepared
+        #: statements.
+        self.sessions = sessions
+        #: When the doorbell polls (no LISTEN): how often.
+        self.poll_policy = poll_policy or PollPolicy()
         self.logger = get_logger(__name__, type(self))
         self._semantics = CachedSemantics(self._detect)
         #: Monotonic time of the last claim that found jobs: the polling doorbell's sign of a busy queue.
@@ -77,6 +84,8 @@ class PostgresTransport(Transport):
         return self._semantics.get()
 
     def _detect(self) -> SessionSemantics:
+        if not self.sessions:
+            return SessionSemantics(False, "this process needs no session state")
         found = poll_only() if self.poll_only else detect_session_semantics(self.url)
         kind = "sessions of our own" if found.session_state else "no session state (transaction pooling)"
         self.logger.info("Database connection: %s: %s.", kind, found.reason)
@@ -159,10 +168,11 @@ class PostgresTransport(Transport):
         if self.session_semantics().session_state:
             return ListenDoorbell(self.url)
         self.logger.info(
-            "No LISTEN on this connection: polling for new jobs every %d ms when idle, sooner after work.",
-            IDLE_RING_MS,
+            "No LISTEN on this connection: polling for new jobs every %.0f ms when idle, %.0f ms after work.",
+            self.poll_policy.idle_s * 1000,
+            self.poll_policy.busy_s * 1000,
         )
-        return PollingDoorbell(lambda: self.last_work_at)
+        return PollingDoorbell(lambda: self.last_work_at, self.poll_policy)
 
     def close(self) -> None:
         self.calls.close()
