@@ -108,8 +108,6 @@ class FunctionPool:
 
     @contextmanager
     def _cursor(self, row_factory: RowFactory[Any], timeout_s: float) -> Iterator[psycopg.ClientCursor[Any]]:
-        if not self._opened:
-            self._open()
         try:
             with self.pool.connection() as conn, self._deadlines.watch(conn, timeout_s) as watch:
                 try:
@@ -169,6 +167,10 @@ class FunctionPool:
         # carries it; the value is an int of ours, never a caller's string.
         bounded = f"set local statement_timeout = {timeout_ms}; {query}"
         answer_s = timeout_ms / 1000 + ANSWER_MARGIN_S
+        if not self._opened:
+            # Outside the retry: whatever stops the pool from opening (such as the session probe finding no
+            # server connection) has already had its own deadline.
+            self._open()
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
