@@ -12,6 +12,7 @@ import psycopg
 from dramatiq.logging import get_logger
 from psycopg.types.json import Jsonb
 
+from broker.errors import ConnectionClosed
 from broker.function_pool import DEFAULT_STATEMENT_TIMEOUT_MS, FunctionPool
 from broker.polling import PollingDoorbell, PollPolicy
 from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
@@ -165,7 +166,13 @@ class PostgresTransport(Transport):
         self.calls.value("select public.queue_ping()", (), idempotent=True, timeout_ms=timeout_ms)
 
     def doorbell(self) -> Doorbell | None:
-        if self.session_semantics().session_state:
+        try:
+            listen = self.session_semantics().session_state
+        except ConnectionClosed as exc:
+            # Polling works whatever the connection turns out to be; the calls themselves will report it.
+            self.logger.warning("Could not tell whether LISTEN works here (%s); polling instead.", exc)
+            listen = False
+        if listen:
             return ListenDoorbell(self.url)
         self.logger.info(
             "No LISTEN on this connection: polling for new jobs every %.0f ms when idle, %.0f ms after work.",

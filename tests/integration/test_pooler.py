@@ -17,6 +17,7 @@ import pytest
 
 from broker.errors import ConnectionClosed
 from broker.function_pool import FunctionPool
+from broker.polling import PollingDoorbell
 from broker.pooling import detect_session_semantics, listen_delivers, ring_from
 from broker.postgres import PostgresTransport
 from broker.transport import Claim, NewJob
@@ -33,6 +34,7 @@ from tests.support.pgbouncer import (
     pooled_sessions,
     running_pgbouncer,
 )
+from tests.support.processes import free_port
 
 #: Rounds of calls in the prepared-statement test: psycopg prepares a query on its fifth run on a connection.
 CALL_ROUNDS = 12
@@ -48,6 +50,12 @@ TIMEOUT_S = 20.0
 def transaction_pooler(database_server: DatabaseServer) -> Iterator[PgBouncer]:
     with running_pgbouncer(database_server.admin_url, mode=TRANSACTION) as bouncer:
         yield bouncer
+
+
+@pytest.fixture
+def unused_port_url() -> str:
+    """A database URL where nothing listens."""
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/nothing?connect_timeout=1"
 
 
 @pytest.fixture
@@ -92,6 +100,14 @@ def test_poll_only_skips_the_detection() -> None:
 
     assert not found.session_state
     assert "DATABASE_POLL_ONLY" in found.reason
+
+
+def test_the_doorbell_polls_when_it_cannot_tell(unused_port_url: str) -> None:
+    transport = PostgresTransport(unused_port_url)
+    try:
+        assert isinstance(transport.doorbell(), PollingDoorbell)
+    finally:
+        transport.close()
 
 
 def test_listen_delivers_tells_whether_a_self_rung_notification_arrives(
