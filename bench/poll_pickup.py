@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import signal
 import statistics
 import sys
 import time
@@ -231,6 +232,8 @@ def run_config(config: str, args: argparse.Namespace, rng: random.Random) -> Res
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the PgBouncer and the scratch database go away with the benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rng = random.Random(args.seed)
     results = [run_config(config, args, rng) for config in args.configs]
     print(

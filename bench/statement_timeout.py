@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import statistics
 import sys
 import time
@@ -111,6 +112,8 @@ def time_way(url: str, call: Call, prepare_threshold: int | None, calls: int) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the PgBouncer and the scratch database go away with the benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from tests.support.pgbouncer import TRANSACTION, running_pgbouncer
 
     timings: dict[tuple[str, str], list[float]] = {}
