@@ -107,9 +107,14 @@ class FunctionPool:
             self._opened = True
 
     @contextmanager
-    def _cursor(self, row_factory: RowFactory[Any], timeout_s: float) -> Iterator[psycopg.ClientCursor[Any]]:
+    def _cursor(
+        self, row_factory: RowFactory[Any], timeout_s: float, wait_s: float | None
+    ) -> Iterator[psycopg.ClientCursor[Any]]:
         try:
-            with self.pool.connection() as conn, self._deadlines.watch(conn, timeout_s) as watch:
+            with (
+                self.pool.connection(timeout=wait_s) as conn,
+                self._deadlines.watch(conn, timeout_s) as watch,
+            ):
                 try:
                     with psycopg.ClientCursor(conn, row_factory=row_factory) as cur:
                         yield cur
@@ -134,24 +139,31 @@ class FunctionPool:
             raise error from None
 
     def value(
-        self, query: str, params: Sequence[Any], *, idempotent: bool, timeout_ms: int | None = None
+        self,
+        query: str,
+        params: Sequence[Any],
+        *,
+        idempotent: bool,
+        timeout_ms: int | None = None,
+        wait_s: float | None = None,
     ) -> Any:
         """The first column of the first row of `query` (None when there is no row).
 
         `query` is one statement with `%s` placeholders. It may run `timeout_ms` milliseconds on the server
-        (the pool's statement timeout by default) and gets ANSWER_MARGIN_S more to answer. An idempotent call
+        (the pool's statement timeout by default) and gets ANSWER_MARGIN_S more to answer; it waits at most
+        `wait_s` seconds for a pooled connection (the pool's timeout by default). An idempotent call
         is tried once more when its connection was lost, after the pool dropped its other dead connections:
         that hides connections the server closed while they sat in the pool. Other calls may have committed
         before the reply was lost, so they reach the caller as ConnectionClosed at once.
         """
-        rows = self._fetch(query, params, tuple_row, idempotent, timeout_ms)
+        rows = self._fetch(query, params, tuple_row, idempotent, timeout_ms, wait_s)
         return rows[0][0] if rows else None
 
     def rows(
         self, query: str, params: Sequence[Any], *, idempotent: bool, timeout_ms: int | None = None
     ) -> list[dict[str, Any]]:
         """Every row of `query` as a dict; bounded and retried like `value`."""
-        rows: list[dict[str, Any]] = self._fetch(query, params, dict_row, idempotent, timeout_ms)
+        rows: list[dict[str, Any]] = self._fetch(query, params, dict_row, idempotent, timeout_ms, None)
         return rows
 
     def _fetch(
@@ -161,6 +173,7 @@ class FunctionPool:
         row_factory: RowFactory[Any],
         idempotent: bool,
         timeout_ms: int | None,
+        wait_s: float | None,
     ) -> Any:
         timeout_ms = int(timeout_ms if timeout_ms is not None else self.statement_timeout_ms)
         # SET LOCAL lives as long as the implicit transaction of this one query string, whatever pooler
@@ -174,7 +187,7 @@ class FunctionPool:
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
-                with self._cursor(row_factory, answer_s) as cur:
+                with self._cursor(row_factory, answer_s, wait_s) as cur:
                     cur.execute(bounded, params)
                     cur.nextset()  # past the SET's empty result, to the call's rows
                     return cur.fetchall()
