@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,18 +10,26 @@ from psycopg.types.json import Jsonb
 
 from broker.errors import ConnectionClosed
 from broker.function_pool import FunctionPool
-from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
+from broker.listen import APPLICATION_NAME, ListenDoorbell
+from broker.transport import (
+    Claim,
+    ClaimedJob,
+    Doorbell,
+    HeartbeatReply,
+    NewJob,
+    PresenceListener,
+    PresencePolicy,
+    QueueStat,
+    Transport,
+    WorkerInfo,
+)
 
-#: The channel the queue's triggers notify on.
-NOTIFY_CHANNEL = "coding_jobs"
 #: Seconds a pooled connection may take to come free before a call counts as a lost connection.
 POOL_TIMEOUT_S = 10.0
-#: Seconds the LISTEN thread waits for a notification before checking whether it should stop.
-LISTEN_WAKE_S = 0.25
-#: Seconds between reconnect attempts of the LISTEN connection.
-LISTEN_RETRY_S = 1.0
-#: Application name shown in pg_stat_activity, so operators can tell worker connections apart.
-APPLICATION_NAME = "queue-worker"
+#: With a session to hold a lock: the lock says a worker lives, the heartbeat (each second) runs the rescue.
+LOCK_PRESENCE = PresencePolicy(mode="lock", heartbeat_interval_s=1.0, stale_after_ms=60_000)
+#: Behind a transaction pooler: heartbeats each second, dead after five silent seconds.
+HEARTBEAT_PRESENCE = PresencePolicy(mode="heartbeat", heartbeat_interval_s=1.0, stale_after_ms=5_000)
 
 
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
@@ -33,10 +39,10 @@ def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
 class PostgresTransport(Transport):
     """The queue over a direct (or session-mode pooler) PostgreSQL connection.
 
-    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements. Calls that
-    are fenced by a claim token or change nothing are retried once on a fresh connection; an enqueue or a
-    claim is not, since its lost reply may hide a commit (ids make a producer's retry harmless, and a lost
-    claim comes back through its lease).
+    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements, and workers
+    heartbeat instead of holding a session lock. Every call is retried once on a fresh connection when its
+    connection was lost: settling calls are fenced by a claim token, an enqueue by its message ids, and a
+    claim by the claim token the caller chose, so a repeat whose first reply was lost changes nothing more.
     """
 
     def __init__(self, url: str, *, pool_size: int = 4, poll_only: bool = False) -> None:
@@ -59,13 +65,15 @@ class PostgresTransport(Transport):
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])
-        return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=False) or 0)
+        return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=True) or 0)
 
-    def claim(self, worker_id: str, queue_name: str, limit: int, lease_ms: int) -> list[ClaimedJob]:
+    def claim(
+        self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
+    ) -> list[ClaimedJob]:
         rows = self.calls.rows(
-            "select * from public.claim_jobs(%s, %s, %s, %s)",
-            (worker_id, queue_name, limit, lease_ms),
-            idempotent=False,
+            "select * from public.claim_jobs(%s, %s, %s, %s, %s::uuid)",
+            (worker_id, queue_name, limit, lease_ms, claim_token),
+            idempotent=True,
         )
         return [ClaimedJob.from_row(row) for row in rows]
 
@@ -89,16 +97,59 @@ class PostgresTransport(Transport):
         query = "select public.release_jobs(%s::uuid[], %s::uuid[])"
         return int(self.calls.value(query, _claims(claims), idempotent=True) or 0)
 
-    def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
-        if not claims:
-            return set()
-        ids, tokens = _claims(claims)
-        query = "select public.extend_leases(%s::uuid[], %s::uuid[], %s) as id"
-        return {str(row["id"]) for row in self.calls.rows(query, (ids, tokens, lease_ms), idempotent=True)}
+    def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
+        params = (
+            claim.job_id,
+            claim.claim_token,
+            delay_ms,
+            note,
+            None if options is None else Jsonb(options),
+        )
+        query = "select public.postpone_job(%s, %s, %s, %s, %s)"
+        return bool(self.calls.value(query, params, idempotent=True))
 
-    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
-        query = "select public.requeue_expired_leases(%s)"
-        return int(self.calls.value(query, (queue_name,), idempotent=True) or 0)
+    def presence_policy(self) -> PresencePolicy:
+        return HEARTBEAT_PRESENCE if self.poll_only else LOCK_PRESENCE
+
+    def register_worker(self, worker: WorkerInfo, policy: PresencePolicy) -> None:
+        if policy.mode == "lock":
+            raise ValueError("a lock-presence worker registers on its own session, through the doorbell")
+        query = "select public.register_worker(%s, %s, %s, %s, %s, %s, %s)"
+        params = (
+            worker.worker_id,
+            policy.mode,
+            policy.stale_after_ms,
+            worker.hostname,
+            worker.pid,
+            list(worker.queues),
+            worker.concurrency,
+        )
+        self.calls.value(query, params, idempotent=True)
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        claims: Sequence[Claim],
+        *,
+        lease_ms: int | None,
+        queues: Sequence[str],
+        max_rescues: int,
+    ) -> HeartbeatReply:
+        ids, tokens = _claims(claims)
+        query = "select * from public.worker_heartbeat(%s, %s::uuid[], %s::uuid[], %s, %s::text[], %s)"
+        params = (worker_id, ids, tokens, lease_ms, list(queues), max_rescues)
+        [row] = self.calls.rows(query, params, idempotent=True)
+        return HeartbeatReply(
+            registered=bool(row["registered"]),
+            held=frozenset(str(job_id) for job_id in row["held"] or ()),
+            rescued=int(row["rescued"] or 0),
+        )
+
+    def deregister_worker(self, worker_id: str) -> None:
+        self.calls.value("select public.deregister_worker(%s)", (worker_id,), idempotent=True)
+
+    def rescue(self, max_rescues: int) -> int:
+        return int(self.calls.value("select public.rescue_jobs(%s)", (max_rescues,), idempotent=True) or 0)
 
     def purge(self, queue_name: str) -> int:
         return int(self.calls.value("select public.purge_queue(%s)", (queue_name,), idempotent=True) or 0)
@@ -131,53 +182,12 @@ class PostgresTransport(Transport):
         except psycopg.Error as exc:
             raise ConnectionClosed(exc) from None
 
-    def doorbell(self) -> Doorbell | None:
-        return None if self.poll_only else ListenDoorbell(self.url)
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
+        if self.poll_only:
+            return None
+        return ListenDoorbell(self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE)
 
     def close(self) -> None:
         self.calls.close()
-
-
-class ListenDoorbell(Doorbell):
-    """A thread holding one connection in LISTEN; reconnects forever and rings after each (re)subscribe."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def start(self, ring: RingCallback) -> None:
-        self._thread = threading.Thread(target=self._run, args=(ring,), name="queue-listen", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self, ring: RingCallback) -> None:
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(
-                    self.url,
-                    autocommit=True,
-                    application_name=f"{APPLICATION_NAME}-listen",
-                    connect_timeout=10,
-                ) as conn:
-                    conn.execute(f"listen {NOTIFY_CHANNEL}")
-                    ring(None, 0)  # notifications sent while we were away are lost: look once
-                    while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=LISTEN_WAKE_S):
-                            queue, run_at = _parse_payload(note.payload)
-                            ring(queue, run_at)
-            except psycopg.Error:
-                self._stopping.wait(LISTEN_RETRY_S)
-
-
-def _parse_payload(payload: str) -> tuple[str | None, int]:
-    try:
-        data = json.loads(payload)
-        return str(data["queue"]), int(data["run_at"])
-    except (ValueError, KeyError, TypeError):
-        return None, 0

@@ -78,9 +78,15 @@ class Settings(BaseSettings):
     claim_ahead_jobs: int = Field(0, ge=0, le=10_000)
     #: Worker processes per container (`--processes`); scale out by adding containers.
     worker_processes: int = Field(1, ge=1, le=64)
-    shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)
+    #: How long running jobs may take to finish after SIGTERM before they are stopped and handed back. With
+    #: the stop steps after it, a shutdown takes at most this plus ~7 s: inside Kubernetes' 30 s default.
+    shutdown_timeout_ms: int = Field(20_000, ge=0, le=3_600_000)
     #: How long a claimed job stays ours without a lease extension.
     job_lease_ms: int = Field(60_000, ge=1_000, le=86_400_000)
+    #: Times a job may lose its worker (killed, OOM, frozen past its lease) before it is dead-lettered.
+    max_rescues: int = Field(5, ge=1, le=1_000)
+    #: How long a job naming an actor no worker knows is offered again before it fails (rolling deploys).
+    unknown_actor_grace_ms: int = Field(600_000, ge=0, le=86_400_000)
     health_check_port: int = Field(8080, ge=1, le=65535)
     #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
     #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.

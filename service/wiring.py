@@ -50,6 +50,10 @@ def build_broker(settings: Settings) -> SupabaseBroker:
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
         claim_ahead=settings.claim_ahead_jobs,
+        concurrency=settings.max_concurrent_jobs,
+        shutdown_timeout_ms=settings.shutdown_timeout_ms,
+        max_rescues=settings.max_rescues,
+        unknown_actor_grace_ms=settings.unknown_actor_grace_ms,
     )
     add_result_backends(broker)
     return broker

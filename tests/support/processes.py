@@ -318,7 +318,7 @@ def status_counts(conn: Rows) -> dict[str, int]:
 def job_rows(conn: Rows) -> dict[str, dict[str, Any]]:
     """Every row's id -> its state columns, with `lease_in_future` judged by the database's clock."""
     rows = conn.execute(
-        "select id::text as id, status::text as status, retry_count, error_message, locked_by,"
+        "select id::text as id, status::text as status, retry_count, rescue_count, error_message, locked_by,"
         " claim_token, lease_expires_at, completed_at, session_id::text as session_id,"
         " coalesce(lease_expires_at > now(), false) as lease_in_future"
         " from public.coding_jobs"

@@ -31,7 +31,7 @@ def test_defaults() -> None:
 
     assert settings.poll_interval_ms == 10_000
     assert settings.max_concurrent_jobs == 1
-    assert settings.shutdown_timeout_ms == 30_000
+    assert settings.shutdown_timeout_ms == 20_000
     assert settings.health_check_port == 8080
     assert settings.log_level is LogLevel.info
     assert settings.app_env is AppEnv.development
