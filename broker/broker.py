@@ -21,6 +21,7 @@ from broker.errors import ConnectionClosed
 from broker.holdings import Holdings
 from broker.interrupts import JobInterrupted, ShutdownDeadline, set_stop_check
 from broker.keeper import Keeper
+from broker.log_context import keep_arguments_out_of_logs
 from broker.messages import JobProxy, error_text, new_job, stored_options
 from broker.presence import PresenceState
 from broker.settle import Settler
@@ -145,6 +146,7 @@ class SupabaseBroker(dramatiq.Broker):
         throws = throws if isinstance(throws, tuple) else (throws,) if throws else ()
         if JobInterrupted not in throws:
             actor.options["throws"] = (*throws, JobInterrupted)
+        keep_arguments_out_of_logs(actor)
         super().declare_actor(actor)
 
     def get_declared_queues(self) -> set[str]:

@@ -18,6 +18,8 @@ from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, Queue
 DEFAULT_POOL_TIMEOUT_S = 10.0
 #: Connections per pool: calls are single short statements, so a few serve many worker threads.
 DEFAULT_POOL_SIZE = 4
+#: Pooled connections a repeated call tries (each checked with an empty query) before it gives up.
+VERIFY_TRIES = 8
 
 
 def translate_error(exc: psycopg.Error) -> Exception:
@@ -71,15 +73,23 @@ class FunctionPool:
         self._open_lock = threading.Lock()
 
     @contextmanager
-    def _cursor(self, row_factory: RowFactory[Any] = tuple_row) -> Iterator[psycopg.Cursor[Any]]:
+    def _cursor(
+        self, row_factory: RowFactory[Any] = tuple_row, *, verified: bool = False
+    ) -> Iterator[psycopg.Cursor[Any]]:
         if not self._opened:
             with self._open_lock:
                 if not self._opened:
                     self.pool.open(wait=False)
                     self._opened = True
         try:
-            with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
-                yield cur
+            for _ in range(VERIFY_TRIES if verified else 1):
+                with self.pool.connection() as conn:
+                    if verified and not _answers(conn):
+                        continue  # handed back broken: the pool drops it and opens another
+                    with conn.cursor(row_factory=row_factory) as cur:
+                        yield cur
+                    return
+            raise psycopg.OperationalError(f"no live connection in {VERIFY_TRIES} tries")
         except PoolTimeout as exc:
             raise ConnectionClosed(exc) from None
         except psycopg.Error as exc:
@@ -111,7 +121,9 @@ class FunctionPool:
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
-                with self._cursor(row_factory) as cur:
+                # The repeat runs on a connection known to be alive: a server that is dropping its sessions
+                # (pg_terminate_backend, a restart) answers a pooled connection's check before it goes.
+                with self._cursor(row_factory, verified=attempt > 1) as cur:
                     return cur.execute(query, params).fetchall()
             except ConnectionClosed:
                 if attempt == attempts:
@@ -122,3 +134,11 @@ class FunctionPool:
         """Close the pool if it is ours; a borrowed pool belongs to whoever lent it."""
         if self._owned and self._opened:
             self.pool.close()
+
+
+def _answers(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("")
+    except psycopg.OperationalError:
+        return False
+    return True

@@ -5,9 +5,10 @@ One connection per worker process, held for its whole life (direct or session-po
 - it registers the worker with `register_worker(..., 'lock', ...)`, which takes a session advisory lock on
   this very session. PostgreSQL drops the lock the moment the session ends (the process was killed, the
   connection dropped), and that is how other workers know to rescue this worker's jobs within seconds;
-- it is probed: every PROBE_EVERY_S without traffic it rings its own doorbell and must hear it within
-  PROBE_TIMEOUT_S, so a connection that died silently is noticed, logged and replaced; TCP keepalives on both
-  ends bound how long a vanished peer can look alive.
+- it is probed: every PROBE_EVERY_S without traffic the doorbell is rung from another connection (the
+  transport's pool) and must be heard here within PROBE_TIMEOUT_S, so a connection that died silently (a
+  vanished NAT entry or host: no FIN, no reset) is noticed, logged and replaced; TCP keepalives on both ends
+  bound how long a vanished peer can look alive to the server.
 A lost connection is reconnected at once (then with a short backoff), and its PresenceListener is told, so
 the broker can stop running jobs it may no longer hold before other workers' grace period runs out.
 """
@@ -18,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -66,9 +68,16 @@ class ListenDoorbell(Doorbell):
         worker: WorkerInfo | None = None,
         presence: PresenceListener | None = None,
         policy: PresencePolicy | None = None,
+        probe: Callable[[str], None] | None = None,
+        probe_every_s: float = PROBE_EVERY_S,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.url = url
+        #: Rings the doorbell with a probe token from another connection; None: no probing.
+        self.probe = probe
+        self.probe_every_s = probe_every_s
+        self.probe_timeout_s = probe_timeout_s
         self.worker = worker
         self.presence = presence
         self.policy = policy
@@ -84,7 +93,7 @@ class ListenDoorbell(Doorbell):
     def start(self, ring: RingCallback) -> None:
         self._ring = ring
         self._thread = SupervisedThread(
-            "queue-listen", self._run, stopping=self._stopping, stale_after_s=PROBE_EVERY_S + 30.0
+            "queue-listen", self._run, stopping=self._stopping, stale_after_s=self.probe_every_s + 30.0
         )
         self._thread.start()
 
@@ -177,7 +186,7 @@ class ListenDoorbell(Doorbell):
                 self._register(conn)
                 if self.presence is not None:
                     self.presence.session_up()
-            self._check_probe(conn)
+            self._check_probe()
 
     def _heard(self, payload: str) -> None:
         self._heard_at = time.monotonic()
@@ -192,15 +201,25 @@ class ListenDoorbell(Doorbell):
         queue, run_at = _parse_ring(data)
         self._ring_safely(queue, run_at)
 
-    def _check_probe(self, conn: psycopg.Connection[Any]) -> None:
+    def _check_probe(self) -> None:
+        if self.probe is None:
+            return
         now = time.monotonic()
         if self._probe is not None:
-            if now - self._probe[1] > PROBE_TIMEOUT_S:
-                raise ConnectionSilent(f"did not hear its own probe within {PROBE_TIMEOUT_S:g} s")
-        elif now - self._heard_at >= PROBE_EVERY_S:
+            if now - self._probe[1] > self.probe_timeout_s:
+                raise ConnectionSilent(
+                    f"did not hear a probe of the doorbell within {self.probe_timeout_s:g} s"
+                )
+        elif now - self._heard_at >= self.probe_every_s:
             token = uuid.uuid4().hex
-            self._probe = (token, now)
-            conn.execute("select public.queue_probe_doorbell(%s)", (token,))
+            try:
+                self.probe(token)
+            except Exception as exc:
+                # The other connection failed, not this one: try again next round.
+                self.logger.debug("Could not ring a probe of the doorbell: %s", exc)
+                self._heard_at = now
+                return
+            self._probe = (token, time.monotonic())
 
     def _went_down(self, reason: str) -> None:
         if not self._up:

@@ -167,6 +167,10 @@ class PostgresTransport(Transport):
             for row in rows
         ]
 
+    def consumers(self) -> dict[str, int]:
+        rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)
+        return {row["queue_name"]: int(row["workers"]) for row in rows}
+
     def ping(self, timeout_s: float) -> None:
         # A fresh connection, not the pool: readiness must not queue behind busy worker threads.
         try:
@@ -187,7 +191,13 @@ class PostgresTransport(Transport):
     ) -> Doorbell | None:
         if self.poll_only:
             return None
-        return ListenDoorbell(self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE)
+        return ListenDoorbell(
+            self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE, probe=self.probe_doorbell
+        )
+
+    def probe_doorbell(self, token: str) -> None:
+        """Ring a probe that wakes nobody, from the pool: the LISTEN connection must hear it."""
+        self.calls.value("select public.queue_probe_doorbell(%s)", (token,), idempotent=True)
 
     def close(self) -> None:
         self.calls.close()

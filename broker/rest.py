@@ -275,6 +275,9 @@ class RestTransport(Transport):
             for row in self._rpc("get_queue_stats")
         ]
 
+    def consumers(self) -> dict[str, int]:
+        return {row["queue_name"]: int(row["workers"]) for row in self._rpc("get_queue_consumers")}
+
     def ping(self, timeout_s: float) -> None:
         self._rpc("queue_ping", client=self._probe_client(timeout_s), idempotent=False)
 

@@ -239,6 +239,10 @@ class Transport(abc.ABC):
         """The queue's counts by queue and status."""
 
     @abc.abstractmethod
+    def consumers(self) -> dict[str, int]:
+        """Registered workers per queue they consume."""
+
+    @abc.abstractmethod
     def ping(self, timeout_s: float) -> None:
         """Answer within `timeout_s` or raise ConnectionClosed: the readiness check."""
 

@@ -20,6 +20,8 @@ class StatsReading:
     read_at: float
     #: The error's type and message when the read failed (no credentials: driver messages carry none).
     error: str | None = None
+    #: Registered workers per queue they consume.
+    consumers: tuple[tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -77,7 +79,8 @@ class StatsCache:
     def _read(self) -> StatsReading:
         try:
             stats = tuple(self.transport.stats())
+            consumers = tuple(sorted(self.transport.consumers().items()))
         except Exception as exc:
             # Any failure, not only ConnectionClosed: a probe must answer, and the monitor must keep going.
             return StatsReading(stats=(), read_at=time.time(), error=f"{type(exc).__name__}: {exc}")
-        return StatsReading(stats=stats, read_at=time.time())
+        return StatsReading(stats=stats, read_at=time.time(), consumers=consumers)

@@ -492,6 +492,14 @@ as $$
   select pg_notify('coding_jobs', json_build_object('probe', p_probe)::text)
 $$;
 
+-- get_queue_consumers: how many registered workers consume each queue; a queue with pending jobs and none
+-- is a queue nobody will ever empty (a typo in a producer, a worker started with the wrong --queues).
+create or replace function public.get_queue_consumers() returns table (queue_name text, workers bigint)
+language sql stable set search_path = ''
+as $$
+  select q.name, count(*) from public.queue_workers w, unnest(w.queues) as q(name) group by q.name order by 1
+$$;
+
 -- -- Grants ----------------------------------------------------------------------------------------------------
 alter table public.queue_workers enable row level security;
 revoke all on table public.queue_workers from public, anon, authenticated;
@@ -508,7 +516,8 @@ revoke all on function
   public.claim_jobs(text, text, integer, integer, uuid),
   public.coding_jobs_claim_matches(text, uuid, uuid),
   public.postpone_job(uuid, uuid, bigint, text, jsonb),
-  public.queue_probe_doorbell(text)
+  public.queue_probe_doorbell(text),
+  public.get_queue_consumers()
 from public, anon, authenticated;
 
 grant execute on function
@@ -520,7 +529,8 @@ grant execute on function
   public.claim_jobs(text, text, integer, integer, uuid),
   public.coding_jobs_claim_matches(text, uuid, uuid),
   public.postpone_job(uuid, uuid, bigint, text, jsonb),
-  public.queue_probe_doorbell(text)
+  public.queue_probe_doorbell(text),
+  public.get_queue_consumers()
 to service_role;
 
 notify pgrst, 'reload schema';

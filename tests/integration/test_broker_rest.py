@@ -297,3 +297,65 @@ def test_the_anon_key_gives_the_clear_startup_error(endpoint: PostgrestEndpoint)
     assert "queue_ping" in message
     assert endpoint.anon_key not in message
     assert endpoint.calls["queue_ping"] == 2
+
+
+def test_a_retry_refused_with_a_4xx_falls_back_to_a_plain_dead_letter_and_the_worker_goes_on(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker()
+    actors = declare_test_actors(broker)
+    # Given an endpoint that refuses the next retry with a 400 (as PostgREST does for text PostgreSQL refuses)
+    endpoint.faults.fail(status=400, fn="retry_job")
+    flaky = actors.flaky.send("refused", 1).message_id
+
+    with running_worker(broker, threads=1, queues={"default"}):
+        # Then the job is dead-lettered with a plain message instead of being left processing forever
+        row = wait_for_status(db, flaky, "failed", TIMEOUT_S)
+        after = actors.record.send("after").message_id
+        wait_for_status(db, after, "completed", TIMEOUT_S)
+
+    assert row["error_message"].startswith("RuntimeError: flaky refused failed attempt 1")
+    assert "the full error could not be stored" in row["error_message"]
+
+
+def test_a_job_nobody_can_settle_is_let_go_not_extended_forever(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker(lease_ms=SHORT_LEASE_MS)
+    actors = declare_test_actors(broker)
+    # Given an endpoint that refuses both the retry and the dead letter (a rotated key answers 401 to both)
+    endpoint.faults.fail(status=401, fn="retry_job")
+    endpoint.faults.fail(status=401, fn="dead_letter_job")
+    flaky = actors.flaky.send("stranded", 1).message_id
+
+    with running_worker(broker, threads=1, queues={"default"}):
+        # Then the worker lets it go: its lease runs out, the rescue returns it, and it runs again (once the
+        # key works) to completion; meanwhile the worker kept working
+        after = actors.record.send("after").message_id
+        wait_for_status(db, after, "completed", TIMEOUT_S)
+        row = wait_for_status(db, flaky, "completed", SETTLE_TIMEOUT_S)
+
+    # ... after its lease ran out once, then a retry (counted now that the queue accepts it), then success
+    assert (row["rescue_count"], row["retry_count"]) == (1, 1)
+    assert len(actors.runs.of("flaky", "started")) == 3
+
+
+def test_a_bad_row_whose_dead_letter_and_release_fail_is_not_kept_alive(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker(lease_ms=SHORT_LEASE_MS)
+    actors = declare_test_actors(broker)
+    # Given a batch with a row that does not decode, and an endpoint that fails dead letters and releases
+    bad = insert_job(db, args={"not": "an array"})
+    good = [actors.record.send(f"good-{i}").message_id for i in range(3)]
+    endpoint.faults.fail(status=503, fn="dead_letter_job", times=2)
+    endpoint.faults.fail(status=503, fn="release_jobs", times=2)
+
+    with running_worker(broker, threads=2, prefetch=4, queues={"default"}):
+        # Then the good jobs run, and the bad row is never held: its lease is not extended, it comes back
+        # when the lease runs out, and is dead-lettered then
+        wait_for_all(db, good, "completed", TIMEOUT_S)
+        row = wait_for_status(db, bad, "failed", SETTLE_TIMEOUT_S)
+
+    assert "payload does not decode: args must be a JSON array" in row["error_message"]
+    assert row["rescue_count"] == 1
