@@ -283,7 +283,16 @@ class SupabaseBroker(dramatiq.Broker):
         if message.settled or message.interrupted is not None:
             raise SkipMessage(f"job {message.claim.job_id} is no longer held by this worker")
         self.holdings.started(message)
-        set_stop_check(lambda: message.interrupted is not None or message.settled)
+        set_stop_check(lambda: self._must_stop(message))
+
+    def _must_stop(self, proxy: JobProxy) -> bool:
+        """should_stop() for a running job: stopped by the broker, or no longer surely held by this worker."""
+        return (
+            proxy.interrupted is not None
+            or proxy.settled
+            or time.monotonic() > proxy.lease_valid_until
+            or not self.presence.may_run()
+        )
 
     def _finished(self, message: Any) -> None:
         set_stop_check(None)
