@@ -37,8 +37,13 @@ _REDACTED = "***"
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # The password of any scheme://user:password@host URL (postgresql://, redis://, amqp://).
     (re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]*:)[^\s'\"]*@"), rf"\g<1>{_REDACTED}@"),
-    # libpq keyword connection strings: "host=db password=secret".
-    (re.compile(r"\b(password\s*=\s*)[^\s'\",;]+", re.IGNORECASE), rf"\g<1>{_REDACTED}"),
+    # libpq keyword connection strings: "host=db password=secret", or quoted: password='it\'s secret'.
+    (
+        re.compile(
+            r"\b(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s'\",;]+)", re.IGNORECASE
+        ),
+        rf"\g<1>{_REDACTED}",
+    ),
     # JWTs, such as Supabase's anon and service role keys: header.payload[.signature].
     (re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]*)?"), "[redacted-jwt]"),
     # Supabase's newer secret API keys.

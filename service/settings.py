@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from pydantic import (
     AnyHttpUrl,
     Field,
@@ -59,8 +61,9 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         hide_input_in_errors=True,
-        # An empty value means "not set", as in .env.example.
-        env_ignore_empty=True,
+        # Empty values are read, so that an empty variable in the environment still wins over .env; the
+        # validator below then treats empty as "not set", as .env.example does.
+        env_ignore_empty=False,
     )
 
     database_url: SecretStr | None = None
@@ -100,6 +103,15 @@ class Settings(BaseSettings):
     coding_job_duration_ms: int = Field(2_000, ge=0, le=86_400_000)
     #: Where the embedded PostgreSQL keeps its data in development.
     embedded_database_dir: Path = Path(".data/postgres")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value for key, value in data.items() if not (isinstance(value, str) and not value.strip())
+        }
 
     @field_validator("database_url")
     @classmethod
@@ -189,19 +201,44 @@ def _cross_field_error(error: Any) -> _CrossFieldProblems | None:
     return cause if isinstance(cause, _CrossFieldProblems) else None
 
 
+#: How close an unknown name in .env must be to a setting's name to be reported as a misspelling of it.
+_MISSPELLING_CUTOFF = 0.85
+
+
+def misspelt_env_file_names(env_file: Path = Path(".env")) -> list[str]:
+    """Problems for the names in `env_file` that are not settings but nearly are (a typo would otherwise
+    leave the setting at its default, silently). Other names are left alone: tools may share the file."""
+    if not env_file.is_file():
+        return []
+    names = list(Settings.model_fields)
+    problems: list[str] = []
+    for key in dotenv_values(env_file, encoding="utf-8"):
+        if key.lower() in names:
+            continue
+        close = difflib.get_close_matches(key.lower(), names, n=1, cutoff=_MISSPELLING_CUTOFF)
+        if close:
+            problems.append(f"{key.upper()} (in {env_file}): not a setting; did you mean {close[0].upper()}?")
+    return problems
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, or raise ConfigurationError listing every problem at once."""
+    misspelt = misspelt_env_file_names()
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
+    else:
+        if misspelt:
+            raise ConfigurationError(misspelt)
+        return settings
     problems: list[str] = []
     for error in errors:
         problems.extend(part.strip() for part in _describe(error).split(";"))
     invalid = {str(error["loc"][0]) for error in errors if error.get("loc")}
     if invalid and not any(_cross_field_error(error) for error in errors):
         problems.extend(_cross_field_problems_despite(invalid, overrides))
-    raise ConfigurationError(problems) from None
+    raise ConfigurationError(problems + misspelt) from None
 
 
 def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) -> list[str]:

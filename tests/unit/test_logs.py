@@ -24,7 +24,7 @@ from dramatiq.brokers.stub import StubBroker
 from loguru import logger
 
 from broker.log_context import JobLogContext, current_job_context
-from service.logs import configure_logging
+from service.logs import configure_logging, redact
 from service.settings import Settings, load_settings
 
 #: Seconds the real dramatiq CLI gets to boot, and then to stop after SIGTERM.
@@ -234,6 +234,28 @@ def test_credentials_are_redacted_from_messages_fields_and_tracebacks() -> None:
     assert settings_line["url"] == "postgresql://worker:***@127.0.0.1:1/queue"
     assert "**********" in settings_line["message"]
     assert "postgresql://worker:***@127.0.0.1:1/queue" in failed["exception"]
+
+
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        "host=db password='{secret}' user=worker",
+        'host=db password="{secret}" user=worker',
+        "host=db password = '{secret} with spaces' user=worker",
+        "host=db password='it\\'s {secret}' user=worker",
+        "host=db password={secret} user=worker",
+    ],
+)
+def test_quoted_passwords_of_keyword_connection_strings_are_redacted(connection_string: str) -> None:
+    # libpq's keyword/value strings may quote a value with single quotes (backslash escapes a quote);
+    # a password that holds spaces has to be quoted.
+    text = connection_string.format(secret=DATABASE_PASSWORD)
+
+    redacted = redact(text)
+
+    assert DATABASE_PASSWORD not in redacted
+    assert redacted.startswith("host=db password")
+    assert redacted.endswith(" user=worker")
 
 
 def test_development_lines_are_pretty_text() -> None:

@@ -230,3 +230,45 @@ def test_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("POLL_INTERVAL_MS", "often")
 
     assert load_settings(poll_interval_ms=100).poll_interval_ms == 100
+
+
+def test_an_empty_value_in_the_environment_wins_over_the_env_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a .env with a database and a poll interval, and the same names set empty in the environment
+    (tmp_path / ".env").write_text(f"DATABASE_URL={DATABASE_URL}\nPOLL_INTERVAL_MS=5000\n")
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("POLL_INTERVAL_MS", "")
+
+    settings = load_settings()
+
+    # Then the environment wins, and empty means "not set": the defaults apply
+    assert settings.database_url is None
+    assert settings.poll_interval_ms == 10_000
+
+
+def test_an_empty_value_in_the_env_file_means_the_default(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SUPABASE_URL=\nQUEUE_TRANSPORT=\nRUN_DIR=\nPOLL_INTERVAL_MS=\n")
+
+    settings = load_settings()
+
+    assert settings.supabase_url is None
+    assert settings.queue_transport is None
+    assert settings.run_dir is None
+    assert settings.poll_interval_ms == 10_000
+
+
+def test_a_misspelt_setting_in_the_env_file_is_reported_with_the_likely_name(tmp_path: Path) -> None:
+    # Given a .env with a typo, beside a variable of another tool that shares the file
+    (tmp_path / ".env").write_text(
+        "POLL_INTERVL_MS=500\nmax_concurent_jobs=4\nNEXT_PUBLIC_SITE_URL=https://x\n"
+    )
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    # Then both typos are problems that name the setting meant; the other tool's variable is left alone
+    assert caught.value.problems == [
+        "POLL_INTERVL_MS (in .env): not a setting; did you mean POLL_INTERVAL_MS?",
+        "MAX_CONCURENT_JOBS (in .env): not a setting; did you mean MAX_CONCURRENT_JOBS?",
+    ]
