@@ -23,6 +23,7 @@ COPY health ./health
 COPY service ./service
 COPY jobs ./jobs
 COPY tasks ./tasks
+COPY worker ./worker
 COPY supabase ./supabase
 # Our own wheel, built with the locked build backend (no download at build time).
 RUN /opt/build/bin/python -m pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \

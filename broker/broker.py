@@ -18,17 +18,12 @@ from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
 from broker.consumer import JobConsumer
+from broker.defaults import DEFAULT_LEASE_MS, DEFAULT_MAX_RETRIES, DEFAULT_POLL_INTERVAL_MS
 from broker.errors import ConnectionClosed
 from broker.leases import LeaseKeeper
 from broker.messages import JobProxy, error_text, new_job, stored_options
 from broker.transport import Doorbell, Transport
 
-#: The row default of coding_jobs.max_retries, also used for Dramatiq's Retries middleware.
-DEFAULT_MAX_RETRIES = 3
-#: Milliseconds a claimed job stays ours without an extension.
-DEFAULT_LEASE_MS = 60_000
-#: Milliseconds between claims of an idle queue when no doorbell rings.
-DEFAULT_POLL_INTERVAL_MS = 10_000
 #: Statuses that mean a queue still has work, for join().
 ACTIVE_STATUSES = frozenset({"pending", "processing"})
 

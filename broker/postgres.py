@@ -11,13 +11,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from broker.errors import ConnectionClosed
-from broker.function_pool import FunctionPool
+from broker.function_pool import DEFAULT_POOL_TIMEOUT_S, FunctionPool
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
 
 #: The channel the queue's triggers notify on.
 NOTIFY_CHANNEL = "coding_jobs"
-#: Seconds a pooled connection may take to come free before a call counts as a lost connection.
-POOL_TIMEOUT_S = 10.0
 #: Seconds the LISTEN thread waits for a notification before checking whether it should stop.
 LISTEN_WAKE_S = 0.25
 #: Seconds between reconnect attempts of the LISTEN connection.
@@ -47,7 +45,7 @@ class PostgresTransport(Transport):
             url,
             name=APPLICATION_NAME,
             size=pool_size,
-            timeout_s=POOL_TIMEOUT_S,
+            timeout_s=DEFAULT_POOL_TIMEOUT_S,
             prepared_statements=not poll_only,
         )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from postgrest import APIError
@@ -33,9 +33,6 @@ from supabase import Client, ClientOptions, create_client
 from broker.realtime import RealtimeDoorbell
 from broker.rest_errors import RestCallFailed, raise_for_rest_status, translate
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, Transport
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 #: Seconds an RPC may take, reply included, before it counts as a lost connection.
 DEFAULT_TIMEOUT_S = 10.0
@@ -110,16 +107,6 @@ class RestTransport(Transport):
         # Readiness has its own client: a probe must not queue behind busy worker threads for a connection.
         self._probe_lock = threading.Lock()
         self._probe: tuple[float, httpx.Client, Client] | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RestTransport:
-        if settings.supabase_url is None or settings.supabase_service_role_key is None:
-            raise ValueError("the REST transport needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
-        return cls(
-            str(settings.supabase_url),
-            settings.supabase_service_role_key.get_secret_value(),
-            max_connections=settings.max_concurrent_jobs + SPARE_CONNECTIONS,
-        )
 
     def _rpc(self, function: str, params: dict[str, Any] | None = None, client: Client | None = None) -> Any:
         try:

@@ -132,17 +132,6 @@ def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migratio
         raise MigrationError(migration.version, migration.path, str(exc).strip()) from exc
 
 
-def describe_target(url: str) -> str:
-    """Where a URL points, for logs: database, host and port, never the password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "the configured database"
-    host = info.get("host") or "the default socket"
-    port = info.get("port") or "5432"
-    return f"database {info.get('dbname') or info.get('user') or '?'} on {host}:{port}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m service.migrate`: exit 0 when applied, 1 when the database refused, 2 on bad settings."""
     parser = argparse.ArgumentParser(prog="python -m service.migrate", description=_DESCRIPTION)
@@ -156,14 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.add(sys.stderr, format="{time:HH:mm:ss} {level} {message}", level="INFO")
 
     from service.settings import load_settings
+    from service.transports import describe_target
 
     try:
         settings = load_settings()
         if settings.uses_embedded_database:
-            from service.embedded_db import ensure_embedded_database
+            from service.embedded_db import start_embedded_postgres
 
+            embedded = start_embedded_postgres(settings.embedded_database_dir)
             # The embedded database is plain PostgreSQL: it always gets the bootstrap.
-            ensure_embedded_database(settings)
+            apply_migrations(embedded.url, bootstrap=True)
             logger.info("Embedded database in {} is up to date", settings.embedded_database_dir)
             return 0
         if settings.database_url is None:

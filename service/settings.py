@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.defaults import DEFAULT_LEASE_MS, DEFAULT_POLL_INTERVAL_MS
 from service.errors import ConfigurationError
 
 
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
     #: Poll-only mode for transaction-mode poolers (no LISTEN, no prepared statements).
     database_poll_only: bool = False
 
-    poll_interval_ms: int = Field(10_000, ge=50, le=3_600_000)
+    poll_interval_ms: int = Field(DEFAULT_POLL_INTERVAL_MS, ge=50, le=3_600_000)
     max_concurrent_jobs: int = Field(1, ge=1, le=256)
     #: Jobs a worker process may claim beyond its free threads. 0: it never holds a job it cannot start, so
     #: an idle container takes the next long job; raise it for many short jobs (more throughput).
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
     worker_processes: int = Field(1, ge=1, le=64)
     shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)
     #: How long a claimed job stays ours without a lease extension.
-    job_lease_ms: int = Field(60_000, ge=1_000, le=86_400_000)
+    job_lease_ms: int = Field(DEFAULT_LEASE_MS, ge=1_000, le=86_400_000)
     health_check_port: int = Field(8080, ge=1, le=65535)
     #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
     #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.

@@ -15,13 +15,13 @@ from loguru import logger
 
 from broker.errors import ConnectionClosed, QueueAccessDenied, QueueSchemaMissing
 from broker.log_context import JobLogContext
-from health.heartbeat import Heartbeat
-from health.server import HealthServer
 from jobs.coding import CodingJob, declare_coding_actor
 from service.errors import ConfigurationError
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
 from service.wiring import build_broker
+from worker.health_fork import HealthServer
+from worker.heartbeat import Heartbeat
 
 #: Exit code for configuration and schema mistakes: restarting will not fix them.
 EXIT_CONFIGURATION = 2
