@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -10,18 +11,38 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from broker.errors import ConnectionClosed
-from broker.function_pool import DEFAULT_POOL_TIMEOUT_S, FunctionPool
+from broker.errors import DATABASE_LOGIN_HINT, ConnectionClosed, QueueAccessDenied
+from broker.function_pool import DEFAULT_POOL_TIMEOUT_S, FunctionPool, translate_error
 from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
 
 #: The channel the queue's triggers notify on.
 NOTIFY_CHANNEL = "coding_jobs"
+#: Seconds a new connection may take to open.
+CONNECT_TIMEOUT_S = 10
+#: What the server says when it refuses a login for good (a restart will not change it): wrong password,
+#: unknown role or database, no pg_hba.conf entry, no CONNECT privilege, a role that may not log in, and what
+#: Supabase's pooler says for an unknown tenant. libpq has no SQLSTATE for a failed connection, only text.
+_REFUSED_LOGIN = re.compile(
+    r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
+    r"|no pg_hba\.conf entry|permission denied for database|is not permitted to log in"
+    r"|tenant or user not found",
+    re.IGNORECASE,
+)
 #: Seconds the LISTEN thread waits for a notification before checking whether it should stop.
 LISTEN_WAKE_S = 0.25
 #: Seconds between reconnect attempts of the LISTEN connection.
 LISTEN_RETRY_S = 1.0
 #: Application name shown in pg_stat_activity, so operators can tell worker connections apart.
 APPLICATION_NAME = "queue-worker"
+
+
+def login_error(exc: psycopg.OperationalError) -> Exception:
+    """A failed connection as the queue's error: a refused login is for the operator; the rest may pass."""
+    message = str(exc).strip()
+    if _REFUSED_LOGIN.search(message):
+        # libpq's message names the host, port and user, never the password.
+        return QueueAccessDenied(message.removeprefix("connection failed: "), DATABASE_LOGIN_HINT)
+    return ConnectionClosed(exc)
 
 
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
@@ -50,10 +71,25 @@ class PostgresTransport(Transport):
         )
 
     def check_schema(self) -> None:
-        self.calls.value("select public.queue_ping()", (), idempotent=True)
-        self.calls.value(
-            "select 'public.claim_jobs(text, text, integer, integer)'::regprocedure", (), idempotent=True
-        )
+        """Raise QueueAccessDenied for a refused login, QueueSchemaMissing without the migrations, and
+        ConnectionClosed when the database does not answer.
+
+        On a connection of its own, not the pool: the pool retries a refused login in the background until
+        its timeout, which would make a wrong password look like an unreachable database.
+        """
+        try:
+            with psycopg.connect(
+                self.url,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                autocommit=True,
+                application_name=APPLICATION_NAME,
+            ) as conn:
+                conn.execute("select public.queue_ping()")
+                conn.execute("select 'public.claim_jobs(text, text, integer, integer)'::regprocedure")
+        except psycopg.OperationalError as exc:
+            raise login_error(exc) from None
+        except psycopg.Error as exc:
+            raise translate_error(exc) from None
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])

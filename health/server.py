@@ -22,7 +22,6 @@ from loguru import logger
 from health.gunicorn_logging import LoguruGunicornLogger
 from health.liveness import live_worker_pids
 from health.runtime import HealthRuntime, build_runtime
-from health.signals import forward_foreign_sigterm
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
 
@@ -70,7 +69,6 @@ class HealthApplication(BaseApplication):  # type: ignore[misc]
             "logger_class": LoguruGunicornLogger,
             "proc_name": "worker-health",
             "worker_exit": self._worker_exit,
-            "post_fork": self._post_fork,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
@@ -80,10 +78,6 @@ class HealthApplication(BaseApplication):  # type: ignore[misc]
         self.runtime = build_runtime(self.settings, master_pid=self.dramatiq_pid)
         self.runtime.monitor.start()
         return self.runtime.app
-
-    def _post_fork(self, arbiter: Arbiter, worker: Any) -> None:
-        # In the new worker before it starts any thread, so every thread it starts inherits the signal mask.
-        forward_foreign_sigterm(worker, self.dramatiq_pid)
 
     def _worker_exit(self, arbiter: Arbiter, worker: Any) -> None:
         if self.runtime is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import os
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,20 @@ def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) 
                 found.extend(f"{field.upper()}: {problem}" for field, problem in kept)
         return found
     return []
+
+
+def configured_app_env() -> str:
+    """APP_ENV as the environment (first) or .env sets it, read without the other settings, which may be
+    the invalid ones: how to report a configuration error depends on it."""
+    for key, value in os.environ.items():
+        if key.lower() == "app_env":
+            return value.strip().lower() or AppEnv.development.value
+    env_file = Path(".env")
+    if env_file.is_file():
+        for name, found in dotenv_values(env_file, encoding="utf-8").items():
+            if name.lower() == "app_env" and found and found.strip():
+                return found.strip().lower()
+    return AppEnv.development.value
 
 
 class ProbeSettings(BaseSettings):
