@@ -16,12 +16,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
-from loguru import logger
+from loguru import logger as _loguru
 
 from service.errors import ConfigurationError, ServiceError
 from service.exit_codes import EXIT_CONFIGURATION, EXIT_MIGRATION_FAILED
+
+if TYPE_CHECKING:
+    from loguru import Record
 
 
 def _find_supabase_dir() -> Path:
@@ -50,6 +54,14 @@ alter table supabase_migrations.schema_migrations add column if not exists name 
 
 
 _DESCRIPTION = "Apply the queue's bootstrap and migrations to DATABASE_URL."
+
+
+def _named(record: Record) -> None:
+    record["name"] = "service.migrate"
+
+
+#: Named after this module even when it runs as `python -m service.migrate` (whose __name__ is __main__).
+logger = _loguru.patch(_named)
 
 
 #: Whether the database is plain PostgreSQL or a Supabase project: Supabase's auth schema always has
