@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,20 @@ def test_the_images_command_and_health_check_run_and_stop_cleanly(database_url: 
             json.loads(line)  # production: every line is JSON
     finally:
         process.kill()
+
+
+def test_the_production_image_leaves_out_the_embedded_database() -> None:
+    # pgserver (PostgreSQL's binaries, 34 MB) serves development only: an extra the dev commands install.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert not [dependency for dependency in project["dependencies"] if dependency.startswith("pgserver")]
+    assert "pgserver" not in locked_names(REPO_ROOT / "requirements.lock")
+    assert "pgserver" in locked_names(REPO_ROOT / "requirements-dev.lock")
+
+
+def locked_names(lock_file: Path) -> set[str]:
+    """The package names a pip lock file pins."""
+    return {
+        line.split("==", 1)[0].strip().lower()
+        for line in lock_file.read_text().splitlines()
+        if "==" in line and not line.startswith((" ", "#"))
+    }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from service.embedded_db import EmbeddedDatabaseUnavailable, start_embedded_postgres
 from service.errors import ConfigurationError
 from service.settings import AppEnv, LogLevel, TransportKind, load_settings
 
@@ -272,3 +274,13 @@ def test_a_misspelt_setting_in_the_env_file_is_reported_with_the_likely_name(tmp
         "POLL_INTERVL_MS (in .env): not a setting; did you mean POLL_INTERVAL_MS?",
         "MAX_CONCURENT_JOBS (in .env): not a setting; did you mean MAX_CONCURRENT_JOBS?",
     ]
+
+
+def test_without_pgserver_the_embedded_database_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Production images do not ship pgserver; asking them for the embedded database says what is missing.
+    monkeypatch.setitem(sys.modules, "pgserver", None)  # what `import pgserver` finds when it is absent
+
+    with pytest.raises(EmbeddedDatabaseUnavailable, match=r"supabase-queue-worker\[embedded\]"):
+        start_embedded_postgres(tmp_path / "postgres")
