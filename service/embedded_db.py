@@ -8,6 +8,8 @@ producer and a test session share one server; an exclusive file lock beside the 
 starts and stops.
 
     python -m service.embedded_db status|stop     (EMBEDDED_DATABASE_DIR of the settings)
+
+`status` exits 0 when it runs, 1 when it does not, 3 when the settings use another database.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _import_pgserver() -> Any:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m service.embedded_db status|stop`: exit 0 when running (status) or handled, 1 otherwise."""
+    """`python -m service.embedded_db status|stop`."""
     from service.errors import ConfigurationError
     from service.settings import load_settings
 
@@ -171,10 +173,14 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        data_dir = Path(load_settings().embedded_database_dir).resolve()
+        settings = load_settings()
     except ConfigurationError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    data_dir = Path(settings.embedded_database_dir).resolve()
+    if argv == ["status"] and not settings.uses_embedded_database:
+        print("The settings use another database than the embedded PostgreSQL")
+        return 3
     if argv == ["stop"]:
         if stop_embedded_postgres(data_dir):
             print(f"Stopped the embedded PostgreSQL in {data_dir}")
