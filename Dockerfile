@@ -46,6 +46,6 @@ EXPOSE 8080
 # python is in the image; curl and wget are not. The probe asks /health on HEALTH_CHECK_PORT.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "health.probe"]
-# Execs `dramatiq tasks --processes WORKER_PROCESSES --threads MAX_CONCURRENT_JOBS
-#        --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS` after checking the settings.
+# Runs `dramatiq tasks --processes WORKER_PROCESSES --threads MAX_CONCURRENT_JOBS
+#       --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS` in this process after checking the settings.
 CMD ["python", "-m", "service.launch"]
