@@ -47,7 +47,7 @@ def report_cli_flags(settings: Settings, argv: list[str]) -> None:
         return
     differences = flag_differences(settings, arguments, argv)
     if differences:
-        logger.bind(differences=differences).warning(
+        logger.warning(
             "The dramatiq command line's flags differ from the settings: {}. `python -m service.launch` "
             "passes the settings as these flags.",
             "; ".join(differences),
