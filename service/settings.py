@@ -23,6 +23,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker.defaults import DEFAULT_LEASE_MS, DEFAULT_POLL_INTERVAL_MS
 from service.errors import ConfigurationError
 
+#: The port of /health, /ready and /metrics (HEALTH_CHECK_PORT); the container's probe reads it too.
+DEFAULT_HEALTH_CHECK_PORT = 8080
+#: Milliseconds /ready, and a /metrics read of the queue's statistics, wait for the database.
+DEFAULT_READINESS_TIMEOUT_MS = 2_000
+
 
 class AppEnv(enum.StrEnum):
     development = "development"
@@ -86,7 +91,7 @@ class Settings(BaseSettings):
     shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)
     #: How long a claimed job stays ours without a lease extension.
     job_lease_ms: int = Field(DEFAULT_LEASE_MS, ge=1_000, le=86_400_000)
-    health_check_port: int = Field(8080, ge=1, le=65535)
+    health_check_port: int = Field(DEFAULT_HEALTH_CHECK_PORT, ge=1, le=65535)
     #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
     #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.
     run_dir: Path | None = None
@@ -95,7 +100,7 @@ class Settings(BaseSettings):
     #: How long one get_queue_stats() read serves /metrics and the queue monitor.
     stats_cache_ms: int = Field(5_000, ge=0, le=3_600_000)
     #: How long /ready waits for the queue's database to answer.
-    readiness_timeout_ms: int = Field(2_000, ge=100, le=60_000)
+    readiness_timeout_ms: int = Field(DEFAULT_READINESS_TIMEOUT_MS, ge=100, le=60_000)
     #: How often the queue monitor logs one line of queue statistics.
     queue_stats_interval_ms: int = Field(30_000, ge=100, le=86_400_000)
     log_level: LogLevel = LogLevel.info
@@ -288,4 +293,4 @@ class ProbeSettings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    health_check_port: int = Field(8080, ge=1, le=65535)
+    health_check_port: int = Field(DEFAULT_HEALTH_CHECK_PORT, ge=1, le=65535)
