@@ -10,9 +10,10 @@ import os
 
 from bench.environment import DATABASE_URL_ENV, DEFAULT_THREADS, POLL_INTERVAL_ENV, THREADS_ENV
 from bench.noop_actors import declare
-from broker.broker import DEFAULT_POLL_INTERVAL_MS, SupabaseBroker
+from broker.broker import SupabaseBroker
+from broker.defaults import DEFAULT_POLL_INTERVAL_MS
 from broker.postgres import PostgresTransport
-from service.wiring import EXTRA_POOL_CONNECTIONS
+from service.transports import EXTRA_POOL_CONNECTIONS
 
 _threads = int(os.environ.get(THREADS_ENV, DEFAULT_THREADS))
 # The pool the service itself builds for this many threads (service/wiring.py).

@@ -17,6 +17,13 @@ from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
 from broker.consumer import JobConsumer
+from broker.defaults import (
+    DEFAULT_LEASE_MS,
+    DEFAULT_MAX_RESCUES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_POLL_INTERVAL_MS,
+    DEFAULT_UNKNOWN_ACTOR_GRACE_MS,
+)
 from broker.errors import ConnectionClosed
 from broker.holdings import Holdings
 from broker.interrupts import JobInterrupted, ShutdownDeadline, set_stop_check
@@ -28,16 +35,6 @@ from broker.settle import Settler
 from broker.supervision import ThreadStatus
 from broker.transport import Doorbell, Transport, WorkerInfo
 
-#: The row default of coding_jobs.max_retries, also used for Dramatiq's Retries middleware.
-DEFAULT_MAX_RETRIES = 3
-#: Milliseconds a claimed job stays ours without an extension.
-DEFAULT_LEASE_MS = 60_000
-#: Milliseconds between claims of an idle queue when no doorbell rings.
-DEFAULT_POLL_INTERVAL_MS = 10_000
-#: Times a job may lose its worker (killed, frozen past its lease) before it is dead-lettered (poison pill).
-DEFAULT_MAX_RESCUES = 5
-#: Milliseconds a job naming an actor no worker knows is offered again before it fails (rolling deploys).
-DEFAULT_UNKNOWN_ACTOR_GRACE_MS = 600_000
 #: Seconds close() gives interrupted jobs to unwind and hand themselves back.
 INTERRUPT_WAIT_S = 2.0
 #: Statuses that mean a queue still has work, for join().

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from broker.errors import ConnectionClosed
-from broker.function_pool import FunctionPool
+from broker.errors import DATABASE_LOGIN_HINT, ConnectionClosed, QueueAccessDenied
+from broker.function_pool import DEFAULT_POOL_TIMEOUT_S, FunctionPool, translate_error
 from broker.listen import APPLICATION_NAME, ListenDoorbell
 from broker.transport import (
     Claim,
@@ -24,12 +25,30 @@ from broker.transport import (
     WorkerInfo,
 )
 
-#: Seconds a pooled connection may take to come free before a call counts as a lost connection.
-POOL_TIMEOUT_S = 10.0
+#: Seconds a new connection may take to open.
+CONNECT_TIMEOUT_S = 10
+#: What the server says when it refuses a login for good (a restart will not change it): wrong password,
+#: unknown role or database, no pg_hba.conf entry, no CONNECT privilege, a role that may not log in, and what
+#: Supabase's pooler says for an unknown tenant. libpq has no SQLSTATE for a failed connection, only text.
+_REFUSED_LOGIN = re.compile(
+    r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
+    r"|no pg_hba\.conf entry|permission denied for database|is not permitted to log in"
+    r"|tenant or user not found",
+    re.IGNORECASE,
+)
 #: With a session to hold a lock: the lock says a worker lives, the heartbeat (each second) runs the rescue.
 LOCK_PRESENCE = PresencePolicy(mode="lock", heartbeat_interval_s=1.0, stale_after_ms=60_000)
 #: Behind a transaction pooler: heartbeats each second, dead after five silent seconds.
 HEARTBEAT_PRESENCE = PresencePolicy(mode="heartbeat", heartbeat_interval_s=1.0, stale_after_ms=5_000)
+
+
+def login_error(exc: psycopg.OperationalError) -> Exception:
+    """A failed connection as the queue's error: a refused login is for the operator; the rest may pass."""
+    message = str(exc).strip()
+    if _REFUSED_LOGIN.search(message):
+        # libpq's message names the host, port and user, never the password.
+        return QueueAccessDenied(message.removeprefix("connection failed: "), DATABASE_LOGIN_HINT)
+    return ConnectionClosed(exc)
 
 
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
@@ -53,15 +72,30 @@ class PostgresTransport(Transport):
             url,
             name=APPLICATION_NAME,
             size=pool_size,
-            timeout_s=POOL_TIMEOUT_S,
+            timeout_s=DEFAULT_POOL_TIMEOUT_S,
             prepared_statements=not poll_only,
         )
 
     def check_schema(self) -> None:
-        self.calls.value("select public.queue_ping()", (), idempotent=True)
-        self.calls.value(
-            "select 'public.claim_jobs(text, text, integer, integer)'::regprocedure", (), idempotent=True
-        )
+        """Raise QueueAccessDenied for a refused login, QueueSchemaMissing without the migrations, and
+        ConnectionClosed when the database does not answer.
+
+        On a connection of its own, not the pool: the pool retries a refused login in the background until
+        its timeout, which would make a wrong password look like an unreachable database.
+        """
+        try:
+            with psycopg.connect(
+                self.url,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                autocommit=True,
+                application_name=APPLICATION_NAME,
+            ) as conn:
+                conn.execute("select public.queue_ping()")
+                conn.execute("select 'public.claim_jobs(text, text, integer, integer, uuid)'::regprocedure")
+        except psycopg.OperationalError as exc:
+            raise login_error(exc) from None
+        except psycopg.Error as exc:
+            raise translate_error(exc) from None
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from postgrest import APIError
@@ -47,9 +47,6 @@ from broker.transport import (
     Transport,
     WorkerInfo,
 )
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 #: Seconds an RPC may take, reply included, before it counts as a lost connection.
 DEFAULT_TIMEOUT_S = 10.0
@@ -128,16 +125,6 @@ class RestTransport(Transport):
         self._probe_lock = threading.Lock()
         self._probe: tuple[float, httpx.Client, Client] | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RestTransport:
-        if settings.supabase_url is None or settings.supabase_service_role_key is None:
-            raise ValueError("the REST transport needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
-        return cls(
-            str(settings.supabase_url),
-            settings.supabase_service_role_key.get_secret_value(),
-            max_connections=settings.max_concurrent_jobs + SPARE_CONNECTIONS,
-        )
-
     def _rpc(
         self,
         function: str,
@@ -160,8 +147,9 @@ class RestTransport(Transport):
         raise AssertionError("unreachable")
 
     def check_schema(self) -> None:
-        # queue_ping comes with the last migration: when it answers, the queue functions are in place.
+        # One function of the first migration and one of the latest: both answer when the schema is current.
         self._rpc("queue_ping")
+        self._rpc("get_queue_consumers")
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         if not jobs:

@@ -12,7 +12,7 @@ from health.monitor import QueueMonitor
 from health.readiness import ReadinessProbe
 from health.stats_cache import StatsCache
 from service.settings import Settings
-from service.wiring import build_transport
+from service.transports import build_transport
 
 
 @dataclasses.dataclass(slots=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from broker.transport import QueueStat, Transport
 from health.background_call import BackgroundCall
+from service.settings import DEFAULT_READINESS_TIMEOUT_MS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ class StatsCache:
         transport: Transport,
         max_age_ms: int,
         *,
-        wait_ms: int = 2_000,
+        wait_ms: int = DEFAULT_READINESS_TIMEOUT_MS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport = transport

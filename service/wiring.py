@@ -1,4 +1,8 @@
-"""Builds the transport and the broker from the settings: the one place that wires them."""
+"""Builds the worker's broker from the settings: the one place that wires the broker to its transport.
+
+Nothing connects here: the transport's pool opens on first use, and the worker process checks the queue at
+start-up (`worker.startup`), so a producer that imports `tasks` never blocks or exits at import.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +10,14 @@ from dramatiq.middleware import GroupCallbacks
 from dramatiq.results import Results
 
 from broker.broker import SupabaseBroker
-from broker.transport import Transport
-from service.settings import Settings, TransportKind
-
-#: Connections beyond one per worker thread: the consumer, the lease keeper, producers inside jobs.
-EXTRA_POOL_CONNECTIONS = 3
-
-
-def database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL's URL in development (started and migrated on first use)."""
-    if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
-    from service.embedded_db import ensure_embedded_database
-
-    return ensure_embedded_database(settings)
-
-
-def build_transport(settings: Settings) -> Transport:
-    """The transport the settings select."""
-    if settings.transport is TransportKind.rest:
-        from broker.rest import RestTransport
-
-        return RestTransport.from_settings(settings)
-    from broker.postgres import PostgresTransport
-
-    return PostgresTransport(
-        database_url(settings),
-        pool_size=settings.max_concurrent_jobs + EXTRA_POOL_CONNECTIONS,
-        poll_only=settings.database_poll_only,
-    )
+from service.settings import Settings
+from service.transports import build_transport
 
 
 def build_broker(settings: Settings) -> SupabaseBroker:
-    """The broker over the selected transport, with the queue's schema checked."""
-    transport = build_transport(settings)
-    try:
-        transport.check_schema()
-    except BaseException:
-        transport.close()  # a refused start-up leaves no connection behind
-        raise
+    """The broker over the transport the settings select, with the result backends it supports."""
     broker = SupabaseBroker(
-        transport,
+        build_transport(settings),
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
         claim_ahead=settings.claim_ahead_jobs,

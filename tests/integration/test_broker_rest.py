@@ -281,17 +281,21 @@ def test_the_anon_key_gives_the_clear_startup_error(endpoint: PostgrestEndpoint)
     def settings_with(key: str) -> Any:
         return load_settings(supabase_url=endpoint.url, supabase_service_role_key=key, queue_transport="rest")
 
-    # The service role key builds a broker over REST, its schema checked
+    # The service role key builds a broker over REST without a call, and its start-up check passes
     broker = build_broker_from_settings(settings_with(endpoint.service_role_key))
     try:
         assert isinstance(broker.transport, RestTransport)
+        assert endpoint.calls["queue_ping"] == 0
+        broker.transport.check_schema()
     finally:
         broker.close()
     assert endpoint.calls["queue_ping"] == 1
 
-    # The anon key is refused at start-up, with what to do about it, and the key appears nowhere
+    # The anon key is refused by the start-up check, with what to do about it, and the key appears nowhere
+    anon = build_broker_from_settings(settings_with(endpoint.anon_key))
     with pytest.raises(QueueAccessDenied) as refused:
-        build_broker_from_settings(settings_with(endpoint.anon_key))
+        anon.transport.check_schema()
+    anon.close()
     message = str(refused.value)
     assert "Use the service role key (SUPABASE_SERVICE_ROLE_KEY), not the anon key" in message
     assert "queue_ping" in message

@@ -17,6 +17,7 @@ from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, Queue
 from broker.rest import RestTransport
 from broker.transport import Claim, ClaimedJob, NewJob, PresencePolicy, Transport, WorkerInfo
 from service.settings import load_settings
+from service.transports import build_transport
 from tests.support.postgrest import PostgrestEndpoint, running_postgrest
 
 #: Seconds any wait in these tests may take.
@@ -358,7 +359,8 @@ def test_built_from_settings(endpoint: PostgrestEndpoint) -> None:
         queue_transport="rest",
         max_concurrent_jobs=3,
     )
-    rest = RestTransport.from_settings(settings)
+    rest = build_transport(settings)
+    assert isinstance(rest, RestTransport)
     try:
         rest.check_schema()
         assert rest.doorbell() is not None

@@ -244,9 +244,24 @@ class WorkerProcesses:
         threads: int = 1,
         shutdown_timeout_ms: int = 10_000,
     ) -> CliProcess:
+        """The stock `dramatiq tasks` CLI with these flags; the settings agree with them unless `env` says
+        otherwise (a test of a flag that differs from its setting sets the setting in `env`)."""
         args = dramatiq_args(
             *modules, processes=processes, threads=threads, shutdown_timeout_ms=shutdown_timeout_ms
         )
+        matching = {
+            "WORKER_PROCESSES": str(processes),
+            "MAX_CONCURRENT_JOBS": str(threads),
+            "SHUTDOWN_TIMEOUT_MS": str(shutdown_timeout_ms),
+        }
+        return self._run(args, {**matching, **env})
+
+    def launch(self, env: Mapping[str, str], *extra: str) -> CliProcess:
+        """`python -m service.launch [extra]`: the container's command, with its flags from the settings."""
+        args = [sys.executable, "-m", "service.launch", *extra]
+        return self._run(args, {"PYTHONPATH": str(REPO_ROOT), **env})
+
+    def _run(self, args: list[str], env: Mapping[str, str]) -> CliProcess:
         # Heartbeat files go to a folder of this test's own, and the health server to a port of its own.
         own = {"RUN_DIR": str(self.cwd / "run"), "HEALTH_CHECK_PORT": str(free_port())}
         process = CliProcess(args, {**own, **env}, self.cwd)
