@@ -15,6 +15,7 @@ failed and stuck jobs, and the rescue latency. Exit code 0 when nothing was lost
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,11 @@ class Container:
                 self._stopping.wait(RESTART_DELAY_S)
 
 
+def _signal_if_alive(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # a kill may have hit it meanwhile
+        os.kill(pid, signum)
+
+
 def _url_for(admin_url: str, database: str) -> str:
     """The admin URL pointed at another database: a postgresql:// URL, as DATABASE_URL must be."""
     return urlsplit(admin_url)._replace(path=f"/{database}").geturl()
@@ -141,12 +147,13 @@ class Chaos:
         self.events: Counter[str] = Counter()
         self._random = random.Random(7)
 
-    def kill(self, whole_group: bool) -> None:
+    def kill(self, whole_group: bool) -> bool:
+        """SIGKILL a worker process (or its whole process group); False when none was up to be killed."""
         container = self._random.choice(self.containers)
         pids = container.worker_pids()
         proc = container.proc
         if not pids or proc is None or proc.poll() is not None:
-            return
+            return False
         now = time.time()
         for pid in pids:
             self.kills[pid] = now
@@ -156,6 +163,7 @@ class Chaos:
         else:
             os.kill(pids[0], signal.SIGKILL)
             self.events["SIGKILL worker process"] += 1
+        return True
 
     def terminate_connections(self) -> None:
         try:
@@ -176,7 +184,7 @@ class Chaos:
                 self.stops[pid] = time.time()
                 os.kill(pid, signal.SIGSTOP)
                 self.events["SIGSTOP past the lease"] += 1
-                threading.Timer(lease_s + 5, os.kill, args=(pid, signal.SIGCONT)).start()
+                threading.Timer(lease_s + 5, _signal_if_alive, args=(pid, signal.SIGCONT)).start()
                 return
 
     def restart(self) -> None:
@@ -258,9 +266,11 @@ def _produce_with_chaos(args: argparse.Namespace, url: str, chaos: Chaos) -> set
                 except Exception as exc:  # the server is restarting: try again shortly
                     print(f"enqueue failed ({type(exc).__name__}); retrying", file=sys.stderr)
             if now >= next_kill and kills < args.kills:
-                chaos.kill(whole_group=kills % 2 == 1)
-                kills += 1
-                next_kill = now + args.kill_every_s
+                if chaos.kill(whole_group=kills % 2 == 1):
+                    kills += 1
+                    next_kill = now + args.kill_every_s
+                else:
+                    next_kill = now + 0.5  # no worker up right now (restarting): try again shortly
             if now >= next_terminate:
                 chaos.terminate_connections()
                 next_terminate = now + args.terminate_every_s

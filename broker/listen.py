@@ -5,10 +5,10 @@ One connection per worker process, held for its whole life (direct or session-po
 - it registers the worker with `register_worker(..., 'lock', ...)`, which takes a session advisory lock on
   this very session. PostgreSQL drops the lock the moment the session ends (the process was killed, the
   connection dropped), and that is how other workers know to rescue this worker's jobs within seconds;
-- it is probed: every PROBE_EVERY_S without traffic the doorbell is rung from another connection (the
-  transport's pool) and must be heard here within PROBE_TIMEOUT_S, so a connection that died silently (a
-  vanished NAT entry or host: no FIN, no reset) is noticed, logged and replaced; TCP keepalives on both ends
-  bound how long a vanished peer can look alive to the server.
+- it is probed: every DOORBELL_PROBE_EVERY_S without traffic the doorbell is rung from another connection
+  (the transport's pool) and must be heard here within DOORBELL_PROBE_TIMEOUT_S, so a connection that died
+  silently (a vanished NAT entry or host: no FIN, no reset) is noticed, logged and replaced; TCP keepalives
+  on both ends bound how long a vanished peer can look alive to the server.
 A lost connection is reconnected at once (then with a short backoff), and its PresenceListener is told, so
 the broker can stop running jobs it may no longer hold before other workers' grace period runs out.
 """
@@ -37,13 +37,13 @@ LISTEN_WAKE_S = 0.25
 #: Seconds between reconnect attempts: at once, then doubling up to the maximum.
 RECONNECT_BACKOFF_S = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 #: Seconds without any notification after which the connection rings itself to prove it still hears.
-PROBE_EVERY_S = 5.0
+DOORBELL_PROBE_EVERY_S = 5.0
 #: Seconds a probe may take to come back before the connection counts as dead.
-PROBE_TIMEOUT_S = 3.0
+DOORBELL_PROBE_TIMEOUT_S = 3.0
 #: Failed connects between two warnings about them.
 FAILURES_PER_WARNING = 15
 #: Seconds a connect may take.
-CONNECT_TIMEOUT_S = 5
+LISTEN_CONNECT_TIMEOUT_S = 5
 #: libpq's client-side keepalives (connection parameters), and the server's for this session: a silent peer
 #: is dead after about 16 s.
 KEEPALIVE = "keepalives=1 keepalives_idle=10 keepalives_interval=2 keepalives_count=3"
@@ -69,8 +69,8 @@ class ListenDoorbell(Doorbell):
         presence: PresenceListener | None = None,
         policy: PresencePolicy | None = None,
         probe: Callable[[str], None] | None = None,
-        probe_every_s: float = PROBE_EVERY_S,
-        probe_timeout_s: float = PROBE_TIMEOUT_S,
+        probe_every_s: float = DOORBELL_PROBE_EVERY_S,
+        probe_timeout_s: float = DOORBELL_PROBE_TIMEOUT_S,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.url = url
@@ -137,7 +137,7 @@ class ListenDoorbell(Doorbell):
             psycopg.conninfo.make_conninfo(self.url, **_keepalives()),
             autocommit=True,
             application_name=f"{APPLICATION_NAME}-listen",
-            connect_timeout=CONNECT_TIMEOUT_S,
+            connect_timeout=LISTEN_CONNECT_TIMEOUT_S,
             prepare_threshold=None,
         )
         try:
