@@ -367,3 +367,21 @@ def test_built_from_settings(endpoint: PostgrestEndpoint) -> None:
         assert endpoint.service_role_key not in repr(vars(rest))
     finally:
         rest.close()
+
+
+def test_over_rest_no_settling_function_settles_a_held_job_without_its_claim_token(
+    transport: RestTransport, db: Db
+) -> None:
+    # Given a job a worker holds
+    transport.enqueue([new_job()])
+    [held] = claim(transport, "worker-a", 1, 60_000)
+
+    # Then the RPCs that settle by id alone refuse it: the fence has no NULL-token hole over HTTP either
+    assert transport._rpc("complete_job", {"job_id": held.id}) is False
+    assert transport._rpc("fail_job", {"job_id": held.id, "error_msg": "x"}) is None
+    assert (
+        transport._rpc("dead_letter_job", {"job_id": held.id, "p_claim_token": None, "error_msg": "x"})
+        is False
+    )
+    assert row(db, held.id)["status"] == "processing"
+    assert complete(transport, claim_of(held)) is True
