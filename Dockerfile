@@ -23,6 +23,7 @@ COPY health ./health
 COPY service ./service
 COPY jobs ./jobs
 COPY tasks ./tasks
+COPY worker ./worker
 COPY supabase ./supabase
 # Our own wheel, built with the locked build backend (no download at build time).
 RUN /opt/build/bin/python -m pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
@@ -45,6 +46,6 @@ EXPOSE 8080
 # python is in the image; curl and wget are not. The probe asks /health on HEALTH_CHECK_PORT.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "health.probe"]
-# Execs `dramatiq tasks --processes WORKER_PROCESSES --threads MAX_CONCURRENT_JOBS
-#        --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS` after checking the settings.
+# Runs `dramatiq tasks --processes WORKER_PROCESSES --threads MAX_CONCURRENT_JOBS
+#       --worker-shutdown-timeout SHUTDOWN_TIMEOUT_MS` in this process after checking the settings.
 CMD ["python", "-m", "service.launch"]

@@ -7,28 +7,36 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from typing import Any
 
 import dramatiq
 from dramatiq.errors import QueueJoinTimeout
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware, default_middleware
+from dramatiq.middleware import Middleware, SkipMessage, default_middleware
 from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
 from broker.consumer import JobConsumer
+from broker.defaults import (
+    DEFAULT_LEASE_MS,
+    DEFAULT_MAX_RESCUES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_POLL_INTERVAL_MS,
+    DEFAULT_UNKNOWN_ACTOR_GRACE_MS,
+)
 from broker.errors import ConnectionClosed
-from broker.leases import LeaseKeeper
+from broker.holdings import Holdings
+from broker.interrupts import JobInterrupted, ShutdownDeadline, set_stop_check
+from broker.keeper import Keeper
+from broker.log_context import keep_arguments_out_of_logs
 from broker.messages import JobProxy, error_text, new_job, stored_options
-from broker.transport import Doorbell, Transport
+from broker.presence import PresenceState
+from broker.settle import Settler
+from broker.supervision import ThreadStatus
+from broker.transport import Doorbell, Transport, WorkerInfo
 
-#: The row default of coding_jobs.max_retries, also used for Dramatiq's Retries middleware.
-DEFAULT_MAX_RETRIES = 3
-#: Milliseconds a claimed job stays ours without an extension.
-DEFAULT_LEASE_MS = 60_000
-#: Milliseconds between claims of an idle queue when no doorbell rings.
-DEFAULT_POLL_INTERVAL_MS = 10_000
+#: Seconds close() gives interrupted jobs to unwind and hand themselves back.
+INTERRUPT_WAIT_S = 2.0
 #: Statuses that mean a queue still has work, for join().
 ACTIVE_STATUSES = frozenset({"pending", "processing"})
 
@@ -42,7 +50,8 @@ class SupabaseBroker(dramatiq.Broker):
     """A Dramatiq broker whose every state change is a call to the queue's SQL functions.
 
     Delays never reach the worker's in-memory delay queue: a delayed message is a row whose run_at is later,
-    and a retry reschedules the same row.
+    and a retry reschedules the same row. A worker registers itself, heartbeats, and rescues dead workers'
+    jobs (broker/keeper.py); it stops running any job it can no longer be sure it holds.
     """
 
     def __init__(
@@ -55,6 +64,10 @@ class SupabaseBroker(dramatiq.Broker):
         poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
         max_retries: int = DEFAULT_MAX_RETRIES,
         claim_ahead: int | None = None,
+        concurrency: int | None = None,
+        shutdown_timeout_ms: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
+        unknown_actor_grace_ms: int = DEFAULT_UNKNOWN_ACTOR_GRACE_MS,
     ) -> None:
         if middleware is None:
             middleware = [m() for m in default_middleware if m is not Retries]
@@ -67,31 +80,45 @@ class SupabaseBroker(dramatiq.Broker):
         #: Jobs a worker process may hold beyond its threads, across all its queues; None keeps Dramatiq's
         #: per-queue prefetch (twice the threads), which suits short jobs best.
         self.claim_ahead = claim_ahead
-        self._worker_threads: int | None = None
+        #: Jobs a worker process runs at once at most, whatever --threads says (with claim_ahead set).
+        self.concurrency = concurrency
+        #: Milliseconds after the start of a graceful shutdown at which running jobs are stopped and handed
+        #: back, whatever --worker-shutdown-timeout says; None leaves it to Dramatiq.
+        self.shutdown_timeout_ms = shutdown_timeout_ms
+        self.max_rescues = max_rescues
+        self.unknown_actor_grace_ms = unknown_actor_grace_ms
         self.poll_interval_s = poll_interval_ms / 1000
         #: time.time() of the last consumer iteration: the health check's sign of life.
         self.last_tick = time.time()
-        self._lock = threading.Lock()
-        #: Acks from all worker threads, completed in batches.
-        self.acks = AckBatcher(transport)
-        self._held: dict[str, JobProxy] = {}
-        self._held_by_queue: Counter[str] = Counter()
+        self._lock = threading.RLock()
+        self.holdings = Holdings()
+        self.acks = AckBatcher(transport, self._completed)
+        self.settler = Settler(transport, self.holdings, self.acks)
+        self.presence = PresenceState(transport.presence_policy())
         self._consumers: dict[str, list[JobConsumer]] = {}
+        self._consumed: set[str] = set()
+        self._worker_threads: int | None = None
         self._doorbell: Doorbell | None = None
+        self._keeper: Keeper | None = None
         #: Cleared at worker shutdown: consumers stop claiming while running jobs finish.
         self.claiming = True
-        self._leases: LeaseKeeper | None = None
 
     # -- Dramatiq's contract ----------------------------------------------------------------------------
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> JobConsumer:
+        with self._lock:
+            self._consumed.add(queue_name)
         self._start_background()
-        return JobConsumer(self, queue_name, self.prefetch_for(prefetch), timeout)
+        consumer = JobConsumer(self, queue_name, self.prefetch_for(prefetch), timeout)
+        with self._lock:
+            self._consumers.setdefault(queue_name, []).append(consumer)
+        return consumer
 
     def prefetch_for(self, prefetch: int) -> int:
         """How many jobs one consumer may hold: Dramatiq's prefetch, or the threads plus claim_ahead."""
-        if self.claim_ahead is None or self._worker_threads is None:
+        threads = self._running_threads()
+        if self.claim_ahead is None or threads is None:
             return prefetch
-        return max(1, self._worker_threads + self.claim_ahead)
+        return max(1, threads + self.claim_ahead)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name not in self.queues:
@@ -100,7 +127,7 @@ class SupabaseBroker(dramatiq.Broker):
             self.emit_after("declare_queue", queue_name)
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
-        if isinstance(message, JobProxy) and self.holds(message):
+        if isinstance(message, JobProxy) and self.holdings.holds(message):
             return self._retry(message, delay or 0)
         self.emit_before("enqueue", message, delay)
         self.transport.enqueue(
@@ -108,6 +135,16 @@ class SupabaseBroker(dramatiq.Broker):
         )
         self.emit_after("enqueue", message, delay)
         return message
+
+    def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
+        # A job the broker stopped is not retried by Dramatiq's Retries (its actor `throws` JobInterrupted):
+        # the broker settles it (lost: left alone; shutdown: handed back). The option lives in memory only.
+        throws = actor.options.get("throws")
+        throws = throws if isinstance(throws, tuple) else (throws,) if throws else ()
+        if JobInterrupted not in throws:
+            actor.options["throws"] = (*throws, JobInterrupted)
+        keep_arguments_out_of_logs(actor)
+        super().declare_actor(actor)
 
     def get_declared_queues(self) -> set[str]:
         return self.queues.copy()
@@ -132,59 +169,97 @@ class SupabaseBroker(dramatiq.Broker):
             self._worker_threads = args[0].worker_threads
         elif signal == "worker_shutdown":
             self._stop_claiming()
+        elif signal == "process_message":
+            self._starting(args[0])
         super().emit_before(signal, *args, **kwargs)
 
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal in ("process_message", "skip_message"):
+            self._finished(args[0])
+        super().emit_after(signal, *args, **kwargs)
+
     def close(self) -> None:
-        """Complete acked jobs, hand back those still running at the deadline, stop threads, disconnect."""
-        self.acks.close()
-        self._release_abandoned()
+        """Complete acked jobs, hand back those still held, stop threads, leave the registry, disconnect."""
+        self._hand_back_at_close()
+        if self._keeper is not None:
+            self._keeper.stop()
+        if self._doorbell is not None or self._keeper is not None:
+            try:
+                self.transport.deregister_worker(self.worker_id)
+            except Exception as exc:
+                self.logger.warning(
+                    "Could not leave the worker registry (%s); the rescue will clear it.", exc
+                )
         if self._doorbell is not None:
             self._doorbell.stop()
-        if self._leases is not None:
-            self._leases.stop()
         self.transport.close()
 
-    # -- held jobs ------------------------------------------------------------------------------------
-    def hold(self, proxy: JobProxy) -> None:
-        with self._lock:
-            self._held[proxy.claim.job_id] = proxy
-            self._held_by_queue[proxy.queue_name] += 1
+    # -- what the consumers and the health check ask ------------------------------------------------------
+    def may_claim(self) -> bool:
+        return self.claiming and self.presence.may_claim()
 
-    def forget(self, proxy: JobProxy) -> None:
-        with self._lock:
-            if self._held.pop(proxy.claim.job_id, None) is None:
-                return
-            self._held_by_queue[proxy.queue_name] -= 1
-            consumers = list(self._consumers.get(proxy.queue_name, ()))
-        for consumer in consumers:
-            consumer.capacity_freed()
-
-    def holds(self, proxy: JobProxy) -> bool:
-        return self._held.get(proxy.claim.job_id) is proxy
-
-    def held_count(self, queue_name: str) -> int:
-        """Jobs held for this queue; with claim_ahead set, for every queue, since they share the threads."""
+    def capacity(self, queue_name: str, prefetch: int) -> int:
+        """Room to claim for one consumer: per queue with Dramatiq's prefetch, shared with claim_ahead."""
         if self.claim_ahead is not None:
-            return len(self._held)
-        return self._held_by_queue[queue_name]
+            return prefetch - self.holdings.occupying()
+        return prefetch - self.holdings.occupying(queue_name)
 
-    def held_jobs(self) -> list[JobProxy]:
+    def knows_actor(self, actor_name: str) -> bool:
+        return actor_name in self.actors
+
+    def claimed(self, proxies: list[JobProxy], sent_at: float) -> None:
+        if self._keeper is not None:
+            self._keeper.trust_lease(proxies, sent_at)
+
+    def background_threads(self) -> list[ThreadStatus]:
+        """The supervised background threads of this process, for the heartbeat file and /health."""
+        statuses = [] if self._keeper is None else self._keeper.statuses()
+        acks = self.acks.status()
+        if acks is not None:
+            statuses.append(acks)
+        status = getattr(self._doorbell, "status", None)
+        if callable(status):
+            found = status()
+            if isinstance(found, ThreadStatus):
+                statuses.append(found)
+        return statuses
+
+    def worker_info(self) -> WorkerInfo:
         with self._lock:
-            return list(self._held.values())
+            queues = tuple(sorted(self._consumed or self.queues))
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            queues=queues,
+            concurrency=self._running_threads(),
+        )
 
-    def register_consumer(self, consumer: JobConsumer) -> None:
-        with self._lock:
-            self._consumers.setdefault(consumer.queue_name, []).append(consumer)
+    # -- settling -------------------------------------------------------------------------------------
+    def send_pending_retry(self, proxy: JobProxy) -> None:
+        """Reschedule a held job whose run failed; raises ConnectionClosed while the queue is unreachable."""
+        if proxy.pending_retry is None:
+            return
+        delay_ms, error, options = proxy.pending_retry
+        self.settler.retry(proxy, delay_ms, error, options)
 
-    def unregister_consumer(self, consumer: JobConsumer) -> None:
-        with self._lock:
-            consumers = self._consumers.get(consumer.queue_name, [])
-            if consumer in consumers:
-                consumers.remove(consumer)
+    def settle_interrupted(self, proxy: JobProxy) -> None:
+        """A job the broker stopped: lost ones are left alone, shutdown ones go back to the queue."""
+        if proxy.interrupted is ShutdownDeadline and self.holdings.holds(proxy):
+            self.settler.release([proxy])
+            self.logger.info(
+                "Job %s was handed back to the queue at the shutdown deadline.", proxy.claim.job_id
+            )
+        else:
+            self.settler.let_go(proxy)
 
-    # -- internals ------------------------------------------------------------------------------------
+    def _completed(self, proxy: JobProxy) -> None:
+        self.settler.let_go(proxy)
+
     def _retry(self, proxy: JobProxy, delay_ms: int) -> Message[Any]:
         """Dramatiq's Retries re-enqueues the message it is processing: reschedule the same row instead."""
+        if proxy.interrupted is not None:
+            return proxy._message  # the broker stopped it; its ack settles it (settle_interrupted)
         self.emit_before("enqueue", proxy, delay_ms)
         proxy.pending_retry = (delay_ms, error_text(proxy), stored_options(proxy))
         try:
@@ -198,16 +273,37 @@ class SupabaseBroker(dramatiq.Broker):
         self.emit_after("enqueue", proxy, delay_ms)
         return proxy._message
 
-    def send_pending_retry(self, proxy: JobProxy) -> None:
-        """Reschedule a held job whose run failed; raises ConnectionClosed while the queue is unreachable."""
-        if proxy.pending_retry is None:
+    # -- running jobs ---------------------------------------------------------------------------------
+    def _starting(self, message: Any) -> None:
+        if not isinstance(message, JobProxy):
             return
-        delay_ms, error, options = proxy.pending_retry
-        if not self.transport.retry(proxy.claim, delay_ms, error, options):
-            self.logger.warning("Job %s could not be retried: its lease was lost.", proxy.claim.job_id)
-        proxy.pending_retry = None
-        proxy.settled = True
-        self.forget(proxy)
+        if message.settled or message.interrupted is not None:
+            raise SkipMessage(f"job {message.claim.job_id} is no longer held by this worker")
+        self.holdings.started(message)
+        set_stop_check(lambda: self._must_stop(message))
+
+    def _must_stop(self, proxy: JobProxy) -> bool:
+        """should_stop() for a running job: stopped by the broker, or no longer surely held by this worker."""
+        return (
+            proxy.interrupted is not None
+            or proxy.settled
+            or time.monotonic() > proxy.lease_valid_until
+            or not self.presence.may_run()
+        )
+
+    def _finished(self, message: Any) -> None:
+        set_stop_check(None)
+        if isinstance(message, JobProxy):
+            self.holdings.stopped(message)
+            self.holdings.done_running(message)
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _running_threads(self) -> int | None:
+        if self._worker_threads is None:
+            return None
+        if self.concurrency is None:
+            return self._worker_threads
+        return min(self._worker_threads, self.concurrency)
 
     def _max_retries(self, message: Message[Any]) -> int:
         actor = self.actors.get(message.actor_name)
@@ -220,11 +316,23 @@ class SupabaseBroker(dramatiq.Broker):
 
     def _start_background(self) -> None:
         with self._lock:
-            if self._leases is not None:
+            if self._keeper is not None:
                 return
-            self._leases = LeaseKeeper(self.transport, self.lease_ms, self.held_jobs, self._lost)
-            self._doorbell = self.transport.doorbell()
-        self._leases.start()
+            self._doorbell = self.transport.doorbell(self.worker_info(), self.presence)
+            # The doorbell found out whether this connection can hold a session (LISTEN and a lock): presence
+            # follows it (issue 12); before, the policy was the transport's guess, made without a connection.
+            self.presence.policy = self.transport.presence_policy()
+            self._keeper = Keeper(
+                self.transport,
+                worker=self.worker_info,
+                holdings=self.holdings,
+                settler=self.settler,
+                presence=self.presence,
+                lease_ms=self.lease_ms,
+                max_rescues=self.max_rescues,
+                doorbell=lambda: self._doorbell,
+            )
+        self._keeper.start()
         if self._doorbell is not None:
             self._doorbell.start(self._ring)
 
@@ -239,32 +347,46 @@ class SupabaseBroker(dramatiq.Broker):
 
     def _stop_claiming(self) -> None:
         self.claiming = False
-        running = [p for p in self.held_jobs() if not p.settled]
+        running = [p for p in self.holdings.held() if not p.settled]
         self.logger.info(
             "Shutting down: stopped claiming; waiting for %d claimed job(s) to finish or go back.",
             len(running),
         )
+        if self._keeper is not None:
+            self._keeper.start_shutdown(self.shutdown_timeout_ms)
 
-    def _lost(self, proxy: JobProxy) -> None:
-        proxy.settled = True
-        self.forget(proxy)
+    def _unwinding(self) -> bool:
+        """Jobs still running, or stopped by the broker and not yet handed back by their thread."""
+        return any(
+            self.holdings.is_running(p) or (p.interrupted is not None and not p.settled)
+            for p in self.holdings.held()
+        )
 
-    def _release_abandoned(self) -> None:
-        """Jobs still running when the worker gave up waiting go back to pending, each named in a warning."""
-        abandoned = [p for p in self.held_jobs() if not p.settled]
-        for proxy in abandoned:
+    def _hand_back_at_close(self) -> None:
+        """At close: stop jobs still running, give them INTERRUPT_WAIT_S to hand themselves back, flush the
+        acks, release what never ran; a job whose thread will not stop is left for the rescue, which takes it
+        only once this process (and with it the thread) is gone."""
+        self.claiming = False
+        if self._keeper is not None and self.holdings.running():
+            self._keeper.interrupt_running_for_shutdown()
+            deadline = time.monotonic() + INTERRUPT_WAIT_S
+            while self._unwinding() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.acks.close()
+        stuck = set(map(id, self.holdings.running()))
+        idle = [p for p in self.holdings.held() if id(p) not in stuck and not p.settled and not p.finishing]
+        if idle:
+            try:
+                released = self.settler.release(idle)
+                self.logger.info("Released %d claimed job(s) back to pending at shutdown.", released)
+            except ConnectionClosed:
+                self.logger.warning(
+                    "Could not release %d job(s) at shutdown; the rescue will return them.", len(idle)
+                )
+        for proxy in self.holdings.running():
             self.logger.warning(
-                "Job %s (%s) was still running at the shutdown deadline; releasing it back to the queue.",
+                "Job %s (%s) did not stop by the shutdown deadline; it goes back to the queue once this "
+                "process has exited.",
                 proxy.claim.job_id,
                 proxy.actor_name,
             )
-        if abandoned:
-            try:
-                self.transport.release([p.claim for p in abandoned])
-            except Exception:
-                self.logger.warning(
-                    "Could not release %d job(s); their leases will return them.", len(abandoned)
-                )
-            for proxy in abandoned:
-                proxy.settled = True  # their late acks, if the threads ever finish, change nothing
-                self.forget(proxy)

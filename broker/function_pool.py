@@ -32,6 +32,8 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 5_000
 #: Seconds a call may wait for its answer beyond its statement timeout before its connection is cut: the
 #: server cannot time out a call that waits for a pooler's server connection, or a network that went silent.
 ANSWER_MARGIN_S = 2.0
+#: Pooled connections a repeated call tries (each checked with an empty query) before it gives up.
+VERIFY_TRIES = 8
 
 
 def translate_error(exc: psycopg.Error) -> Exception:
@@ -108,20 +110,25 @@ class FunctionPool:
 
     @contextmanager
     def _cursor(
-        self, row_factory: RowFactory[Any], timeout_s: float, wait_s: float | None
+        self, row_factory: RowFactory[Any], timeout_s: float, wait_s: float | None, *, verified: bool = False
     ) -> Iterator[psycopg.ClientCursor[Any]]:
         try:
-            with (
-                self.pool.connection(timeout=wait_s) as conn,
-                self._deadlines.watch(conn, timeout_s) as watch,
-            ):
-                try:
-                    with psycopg.ClientCursor(conn, row_factory=row_factory) as cur:
-                        yield cur
-                except psycopg.OperationalError as exc:
-                    if watch.overran:
-                        raise _Overran(timeout_s) from exc
-                    raise
+            for _ in range(VERIFY_TRIES if verified else 1):
+                with (
+                    self.pool.connection(timeout=wait_s) as conn,
+                    self._deadlines.watch(conn, timeout_s) as watch,
+                ):
+                    try:
+                        if verified and not _answers(conn):
+                            continue  # handed back broken: the pool drops it and opens another
+                        with psycopg.ClientCursor(conn, row_factory=row_factory) as cur:
+                            yield cur
+                        return
+                    except psycopg.OperationalError as exc:
+                        if watch.overran:
+                            raise _Overran(timeout_s) from exc
+                        raise
+            raise psycopg.OperationalError(f"no live connection in {VERIFY_TRIES} tries")
         except _Overran as exc:
             # Not pool.check(): testing the idle connections would wait behind the same full pooler.
             raise ConnectionClosed(
@@ -187,7 +194,9 @@ class FunctionPool:
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
-                with self._cursor(row_factory, answer_s, wait_s) as cur:
+                # The repeat runs on a connection known to be alive: a server that is dropping its sessions
+                # (pg_terminate_backend, a restart) answers a pooled connection's check before it goes.
+                with self._cursor(row_factory, answer_s, wait_s, verified=attempt > 1) as cur:
                     cur.execute(bounded, params)
                     cur.nextset()  # past the SET's empty result, to the call's rows
                     return cur.fetchall()
@@ -200,3 +209,11 @@ class FunctionPool:
         """Close the pool if it is ours; a borrowed pool belongs to whoever lent it."""
         if self._owned and self._opened:
             self.pool.close()
+
+
+def _answers(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("")
+    except psycopg.OperationalError:
+        return False
+    return True

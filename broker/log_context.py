@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from contextvars import ContextVar
 from typing import Any
@@ -59,3 +60,23 @@ class JobLogContext(dramatiq.Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         _job_context.set(None)
+
+
+class ArgumentsNotLogged(logging.Filter):
+    """Keeps a job's arguments out of Dramatiq's per-actor DEBUG line ("Received args=... kwargs=...").
+
+    The arguments hold user content (the prompt); ids are enough to follow a job. Jobs are named by their
+    text elsewhere (JobProxy's str names the actor and the job only).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Received args="):
+            record.msg = "Received a job (its arguments are not logged)."
+            record.args = ()
+        return True
+
+
+def keep_arguments_out_of_logs(actor: dramatiq.Actor[..., object]) -> None:
+    """Install ArgumentsNotLogged on an actor's own logger (once)."""
+    if not any(isinstance(f, ArgumentsNotLogged) for f in actor.logger.filters):
+        actor.logger.addFilter(ArgumentsNotLogged())

@@ -88,8 +88,8 @@ def detect_session_semantics(
         except psycopg.OperationalError as exc:
             if watch_a.overran or watch_b.overran:
                 raise ConnectionClosed(
-                    f"the database accepted connections but ran nothing within {timeout_s:g} s: a pooler "
-                    "whose server connections are all taken?"
+                    f"the database accepted connections but answered nothing within {timeout_s:g} s: "
+                    "a pooler whose server connections are all taken?"
                 ) from None
             raise ConnectionClosed(exc) from None
         except psycopg.Error as exc:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,22 +11,54 @@ import psycopg
 from dramatiq.logging import get_logger
 from psycopg.types.json import Jsonb
 
-from broker.errors import ConnectionClosed
-from broker.function_pool import DEFAULT_STATEMENT_TIMEOUT_MS, FunctionPool
+from broker.deadlines import Deadlines
+from broker.errors import DATABASE_LOGIN_HINT, ConnectionClosed, QueueAccessDenied
+from broker.function_pool import (
+    DEFAULT_POOL_TIMEOUT_S,
+    DEFAULT_STATEMENT_TIMEOUT_MS,
+    FunctionPool,
+    translate_error,
+)
+from broker.listen import APPLICATION_NAME, ListenDoorbell
 from broker.polling import PollingDoorbell, PollPolicy
 from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
-from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, RingCallback, Transport
+from broker.transport import (
+    Claim,
+    ClaimedJob,
+    Doorbell,
+    HeartbeatReply,
+    NewJob,
+    PresenceListener,
+    PresencePolicy,
+    QueueStat,
+    Transport,
+    WorkerInfo,
+)
 
-#: The channel the queue's triggers notify on.
-NOTIFY_CHANNEL = "coding_jobs"
-#: Seconds a pooled connection may take to come free before a call counts as a lost connection.
-POOL_TIMEOUT_S = 10.0
-#: Seconds the LISTEN thread waits for a notification before checking whether it should stop.
-LISTEN_WAKE_S = 0.25
-#: Seconds between reconnect attempts of the LISTEN connection.
-LISTEN_RETRY_S = 1.0
-#: Application name shown in pg_stat_activity, so operators can tell worker connections apart.
-APPLICATION_NAME = "queue-worker"
+#: Seconds a new connection may take to open.
+CONNECT_TIMEOUT_S = 10
+#: What the server says when it refuses a login for good (a restart will not change it): wrong password,
+#: unknown role or database, no pg_hba.conf entry, no CONNECT privilege, a role that may not log in, and what
+#: Supabase's pooler says for an unknown tenant. libpq has no SQLSTATE for a failed connection, only text.
+_REFUSED_LOGIN = re.compile(
+    r"password authentication failed|role \S+ does not exist|database \S+ does not exist"
+    r"|no pg_hba\.conf entry|permission denied for database|is not permitted to log in"
+    r"|tenant or user not found",
+    re.IGNORECASE,
+)
+#: With a session to hold a lock: the lock says a worker lives, the heartbeat (each second) runs the rescue.
+LOCK_PRESENCE = PresencePolicy(mode="lock", heartbeat_interval_s=1.0, stale_after_ms=60_000)
+#: Behind a transaction pooler: heartbeats each second, dead after five silent seconds.
+HEARTBEAT_PRESENCE = PresencePolicy(mode="heartbeat", heartbeat_interval_s=1.0, stale_after_ms=5_000)
+
+
+def login_error(exc: psycopg.OperationalError) -> Exception:
+    """A failed connection as the queue's error: a refused login is for the operator; the rest may pass."""
+    message = str(exc).strip()
+    if _REFUSED_LOGIN.search(message):
+        # libpq's message names the host, port and user, never the password.
+        return QueueAccessDenied(message.removeprefix("connection failed: "), DATABASE_LOGIN_HINT)
+    return ConnectionClosed(exc)
 
 
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
@@ -37,14 +68,14 @@ def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
 class PostgresTransport(Transport):
     """The queue over PostgreSQL: a direct connection, or a session- or transaction-mode pooler.
 
-    Whether the URL gives sessions of our own is found out once, on first use (`session_semantics()`): only
-    then do the pool's connections allow server-side prepared statements, and the doorbell LISTEN; otherwise
-    the doorbell polls (`broker.polling`). `poll_only` (DATABASE_POLL_ONLY) skips the detection and behaves as
-    behind a transaction pooler. Every call carries its own statement timeout (`broker.function_pool`).
-
-    Calls that are fenced by a claim token or change nothing are retried once on a fresh connection; an
-    enqueue or a claim is not, since its lost reply may hide a commit (ids make a producer's retry harmless,
-    and a lost claim comes back through its lease).
+    Whether the URL gives sessions of our own is found out once per process, by the worker's start-up check or
+    else on first use (`session_semantics()`, broker/pooling.py). Only then do the pool's connections allow
+    server-side prepared statements, does the doorbell LISTEN and hold the worker's presence lock; otherwise
+    the doorbell polls (broker/polling.py) and the worker heartbeats. `poll_only` (DATABASE_POLL_ONLY) skips
+    the detection and behaves as behind a transaction pooler. Every call carries its own statement timeout
+    (broker/function_pool.py). Every call is retried once on a fresh connection when its connection was lost:
+    settling calls are fenced by a claim token, an enqueue by its message ids, and a claim by the claim token
+    the caller chose, so a repeat whose first reply was lost changes nothing more.
     """
 
     def __init__(
@@ -65,23 +96,28 @@ class PostgresTransport(Transport):
         self.sessions = sessions
         #: When the doorbell polls (no LISTEN): how often.
         self.poll_policy = poll_policy or PollPolicy()
+        self.application_name = application_name
         self.logger = get_logger(__name__, type(self))
-        self._semantics = CachedSemantics(self._detect)
+        # A lambda: nothing of self is read while it is being built (a subclass may watch every read).
+        self._semantics = CachedSemantics(lambda: self._detect())
+        #: Whether the doorbell LISTENs (and so holds the presence lock); None until doorbell() decided.
+        self._listens: bool | None = None
         #: Monotonic time of the last claim that found jobs: the polling doorbell's sign of a busy queue.
         self.last_work_at: float | None = None
+        self._deadlines = Deadlines(f"{application_name}-check")
         #: Also lent to the result backends, so the whole worker shares one pool.
         self.calls = FunctionPool(
             url,
             name=application_name,
             size=pool_size,
-            timeout_s=POOL_TIMEOUT_S,
+            timeout_s=DEFAULT_POOL_TIMEOUT_S,
             statement_timeout_ms=statement_timeout_ms,
             prepared_statements=lambda: self.session_semantics().session_state,
         )
 
     def session_semantics(self) -> SessionSemantics:
         """Whether this URL gives sessions of our own (detected once per process; ConnectionClosed if it
-        cannot be told, such as a pooler with no free server connection)."""
+        cannot be told, such as behind a pooler with no free server connection)."""
         return self._semantics.get()
 
     def _detect(self) -> SessionSemantics:
@@ -93,20 +129,53 @@ class PostgresTransport(Transport):
         return found
 
     def check_schema(self) -> None:
-        self.calls.value("select public.queue_ping()", (), idempotent=True)
-        self.calls.value(
-            "select 'public.claim_jobs(text, text, integer, integer)'::regprocedure", (), idempotent=True
-        )
+        """Raise QueueAccessDenied for a refused login, QueueSchemaMissing without the migrations, and
+        ConnectionClosed when the database does not answer.
+
+        On a connection of its own, not the pool: the pool retries a refused login in the background until
+        its timeout, which would make a wrong password look like an unreachable database.
+        """
+        try:
+            with (
+                psycopg.connect(
+                    self.url,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    autocommit=True,
+                    application_name=self.application_name,
+                    prepare_threshold=None,
+                ) as conn,
+                self._deadlines.watch(conn, CONNECT_TIMEOUT_S) as watch,
+            ):
+                try:
+                    conn.execute("select public.queue_ping()")
+                    conn.execute(
+                        "select 'public.claim_jobs(text, text, integer, integer, uuid)'::regprocedure"
+                    )
+                except psycopg.OperationalError:
+                    if watch.overran:
+                        raise ConnectionClosed(
+                            f"the database accepted the connection but answered nothing within "
+                            f"{CONNECT_TIMEOUT_S} s: a pooler whose server connections are all taken?"
+                        ) from None
+                    raise
+        except psycopg.OperationalError as exc:
+            raise login_error(exc) from None
+        except psycopg.Error as exc:
+            raise translate_error(exc) from None
+        # Which kind of connection this is, said once at start-up (and bounded, like the check above).
+        self.session_semantics()
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])
-        return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=False) or 0)
+        return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=True) or 0)
 
-    def claim(self, worker_id: str, queue_name: str, limit: int, lease_ms: int) -> list[ClaimedJob]:
+    def claim(
+        self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
+    ) -> list[ClaimedJob]:
         rows = self.calls.rows(
-            "select * from public.claim_jobs(%s, %s, %s, %s)",
-            (worker_id, queue_name, limit, lease_ms),
-            idempotent=False,
+            "select * from public.claim_jobs(%s, %s, %s, %s, %s::uuid)",
+            (worker_id, queue_name, limit, lease_ms, claim_token),
+            idempotent=True,
         )
         if rows:
             self.last_work_at = time.monotonic()
@@ -132,16 +201,62 @@ class PostgresTransport(Transport):
         query = "select public.release_jobs(%s::uuid[], %s::uuid[])"
         return int(self.calls.value(query, _claims(claims), idempotent=True) or 0)
 
-    def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
-        if not claims:
-            return set()
-        ids, tokens = _claims(claims)
-        query = "select public.extend_leases(%s::uuid[], %s::uuid[], %s) as id"
-        return {str(row["id"]) for row in self.calls.rows(query, (ids, tokens, lease_ms), idempotent=True)}
+    def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
+        params = (
+            claim.job_id,
+            claim.claim_token,
+            delay_ms,
+            note,
+            None if options is None else Jsonb(options),
+        )
+        query = "select public.postpone_job(%s, %s, %s, %s, %s)"
+        return bool(self.calls.value(query, params, idempotent=True))
 
-    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
-        query = "select public.requeue_expired_leases(%s)"
-        return int(self.calls.value(query, (queue_name,), idempotent=True) or 0)
+    def presence_policy(self) -> PresencePolicy:
+        # The lock lives on the LISTEN connection, so presence follows the doorbell once doorbell() decided;
+        # until then (a producer's broker) a guess that costs no connection.
+        listens = (not self.poll_only) if self._listens is None else self._listens
+        return LOCK_PRESENCE if listens else HEARTBEAT_PRESENCE
+
+    def register_worker(self, worker: WorkerInfo, policy: PresencePolicy) -> None:
+        if policy.mode == "lock":
+            raise ValueError("a lock-presence worker registers on its own session, through the doorbell")
+        query = "select public.register_worker(%s, %s, %s, %s, %s, %s, %s)"
+        params = (
+            worker.worker_id,
+            policy.mode,
+            policy.stale_after_ms,
+            worker.hostname,
+            worker.pid,
+            list(worker.queues),
+            worker.concurrency,
+        )
+        self.calls.value(query, params, idempotent=True)
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        claims: Sequence[Claim],
+        *,
+        lease_ms: int | None,
+        queues: Sequence[str],
+        max_rescues: int,
+    ) -> HeartbeatReply:
+        ids, tokens = _claims(claims)
+        query = "select * from public.worker_heartbeat(%s, %s::uuid[], %s::uuid[], %s, %s::text[], %s)"
+        params = (worker_id, ids, tokens, lease_ms, list(queues), max_rescues)
+        [row] = self.calls.rows(query, params, idempotent=True)
+        return HeartbeatReply(
+            registered=bool(row["registered"]),
+            held=frozenset(str(job_id) for job_id in row["held"] or ()),
+            rescued=int(row["rescued"] or 0),
+        )
+
+    def deregister_worker(self, worker_id: str) -> None:
+        self.calls.value("select public.deregister_worker(%s)", (worker_id,), idempotent=True)
+
+    def rescue(self, max_rescues: int) -> int:
+        return int(self.calls.value("select public.rescue_jobs(%s)", (max_rescues,), idempotent=True) or 0)
 
     def purge(self, queue_name: str) -> int:
         return int(self.calls.value("select public.purge_queue(%s)", (queue_name,), idempotent=True) or 0)
@@ -159,6 +274,10 @@ class PostgresTransport(Transport):
             for row in rows
         ]
 
+    def consumers(self) -> dict[str, int]:
+        rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)
+        return {row["queue_name"]: int(row["workers"]) for row in rows}
+
     def ping(self, timeout_s: float) -> None:
         # Through the pool, bounded like any call but by the readiness timeout: no extra connection per probe,
         # which in a full session-mode pooler would fail readiness for want of a server connection alone.
@@ -167,15 +286,20 @@ class PostgresTransport(Transport):
         query = "select public.queue_ping()"
         self.calls.value(query, (), idempotent=True, timeout_ms=timeout_ms, wait_s=timeout_s / 2)
 
-    def doorbell(self) -> Doorbell | None:
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
         try:
-            listen = self.session_semantics().session_state
+            listens = self.session_semantics().session_state
         except ConnectionClosed as exc:
             # Polling works whatever the connection turns out to be; the calls themselves will report it.
             self.logger.warning("Could not tell whether LISTEN works here (%s); polling instead.", exc)
-            listen = False
-        if listen:
-            return ListenDoorbell(self.url)
+            listens = False
+        self._listens = listens
+        if listens:
+            return ListenDoorbell(
+                self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE, probe=self.probe_doorbell
+            )
         self.logger.info(
             "No LISTEN on this connection: polling for new jobs every %.0f ms when idle, %.0f ms after work.",
             self.poll_policy.idle_s * 1000,
@@ -183,50 +307,9 @@ class PostgresTransport(Transport):
         )
         return PollingDoorbell(lambda: self.last_work_at, self.poll_policy)
 
+    def probe_doorbell(self, token: str) -> None:
+        """Ring a probe that wakes nobody, from the pool: the LISTEN connection must hear it."""
+        self.calls.value("select public.queue_probe_doorbell(%s)", (token,), idempotent=True)
+
     def close(self) -> None:
         self.calls.close()
-
-
-class ListenDoorbell(Doorbell):
-    """A thread holding one connection in LISTEN; reconnects forever and rings after each (re)subscribe."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def start(self, ring: RingCallback) -> None:
-        self._thread = threading.Thread(target=self._run, args=(ring,), name="queue-listen", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self, ring: RingCallback) -> None:
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(
-                    self.url,
-                    autocommit=True,
-                    application_name=f"{APPLICATION_NAME}-listen",
-                    connect_timeout=10,
-                ) as conn:
-                    conn.execute(f"listen {NOTIFY_CHANNEL}")
-                    ring(None, 0)  # notifications sent while we were away are lost: look once
-                    while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=LISTEN_WAKE_S):
-                            queue, run_at = _parse_payload(note.payload)
-                            ring(queue, run_at)
-            except psycopg.Error:
-                self._stopping.wait(LISTEN_RETRY_S)
-
-
-def _parse_payload(payload: str) -> tuple[str | None, int]:
-    try:
-        data = json.loads(payload)
-        return str(data["queue"]), int(data["run_at"])
-    except (ValueError, KeyError, TypeError):
-        return None, 0

@@ -3,7 +3,9 @@
 Every operation is one `client.rpc(name, params).execute()`: one HTTP request, one PostgREST transaction. No
 row lock outlives a request, so a claim is held by its lease columns (`lease_expires_at`, `claim_token`): a
 claim whose reply is lost after the commit stays `processing` until its lease expires, then
-`requeue_expired_leases()` returns it; a late complete/retry from the lost holder is refused by its token.
+the rescue (`rescue_jobs()`, run by every worker's heartbeat) returns it; a late complete/retry from the lost
+holder is refused by its token. A claim carries a token the worker chose, so a claim repeated after a lost
+reply answers the same jobs instead of claiming more.
 
 Sharp edges of supabase-py 2.x, and what this module does about them:
 - postgrest-py truncates a numeric timeout to whole seconds (`int(abs(timeout))` in SyncPostgrestClient) and
@@ -23,19 +25,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from postgrest import APIError
 from pydantic import SecretStr
 from supabase import Client, ClientOptions, create_client
 
+from broker.errors import ConnectionClosed
 from broker.realtime import RealtimeDoorbell
 from broker.rest_errors import RestCallFailed, raise_for_rest_status, translate
-from broker.transport import Claim, ClaimedJob, Doorbell, NewJob, QueueStat, Transport
-
-if TYPE_CHECKING:
-    from service.settings import Settings
+from broker.transport import (
+    Claim,
+    ClaimedJob,
+    Doorbell,
+    HeartbeatReply,
+    NewJob,
+    PresenceListener,
+    PresencePolicy,
+    QueueStat,
+    Transport,
+    WorkerInfo,
+)
 
 #: Seconds an RPC may take, reply included, before it counts as a lost connection.
 DEFAULT_TIMEOUT_S = 10.0
@@ -45,6 +56,9 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 16
 #: Connections beyond the worker threads: the consumer, lease extension, the readiness probe's neighbours.
 SPARE_CONNECTIONS = 4
+#: Over HTTP a worker cannot hold a session: it heartbeats every 4 s and counts as dead after 20 s of silence,
+#: so a dead worker's jobs are back within about 25 s.
+REST_PRESENCE = PresencePolicy(mode="heartbeat", heartbeat_interval_s=4.0, stale_after_ms=20_000)
 
 
 def _http_client(timeout_s: float, connect_timeout_s: float, max_connections: int) -> httpx.Client:
@@ -111,33 +125,48 @@ class RestTransport(Transport):
         self._probe_lock = threading.Lock()
         self._probe: tuple[float, httpx.Client, Client] | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RestTransport:
-        if settings.supabase_url is None or settings.supabase_service_role_key is None:
-            raise ValueError("the REST transport needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
-        return cls(
-            str(settings.supabase_url),
-            settings.supabase_service_role_key.get_secret_value(),
-            max_connections=settings.max_concurrent_jobs + SPARE_CONNECTIONS,
-        )
-
-    def _rpc(self, function: str, params: dict[str, Any] | None = None, client: Client | None = None) -> Any:
-        try:
-            return (client or self._client).rpc(function, params or {}).execute().data
-        except (httpx.TransportError, RestCallFailed, APIError) as exc:
-            raise translate(function, exc) from None
+    def _rpc(
+        self,
+        function: str,
+        params: dict[str, Any] | None = None,
+        client: Client | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
+        """One RPC. Calls a repeat cannot apply twice (fenced by claim tokens or ids) are tried once more when
+        the connection was lost: a dropped keep-alive connection is routine, not an outage."""
+        attempts = 2 if idempotent else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return (client or self._client).rpc(function, params or {}).execute().data
+            except (httpx.TransportError, RestCallFailed, APIError) as exc:
+                error = translate(function, exc)
+                if isinstance(error, ConnectionClosed) and attempt < attempts:
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
 
     def check_schema(self) -> None:
-        # queue_ping comes with the last migration: when it answers, the queue functions are in place.
+        # One function of the first migration and one of the latest: both answer when the schema is current.
         self._rpc("queue_ping")
+        self._rpc("get_queue_consumers")
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         if not jobs:
             return 0
+        # Ids make a repeat harmless: a message id seen before is ignored.
         return int(self._rpc("enqueue_jobs", {"p_jobs": [job.as_json() for job in jobs]}))
 
-    def claim(self, worker_id: str, queue_name: str, limit: int, lease_ms: int) -> list[ClaimedJob]:
-        params = {"p_worker_id": worker_id, "p_queue": queue_name, "p_limit": limit, "p_lease_ms": lease_ms}
+    def claim(
+        self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
+    ) -> list[ClaimedJob]:
+        params = {
+            "p_worker_id": worker_id,
+            "p_queue": queue_name,
+            "p_limit": limit,
+            "p_lease_ms": lease_ms,
+            "p_claim_token": claim_token,
+        }
         return [ClaimedJob.from_row(row) for row in self._rpc("claim_jobs", params)]
 
     def complete_many(self, claims: Sequence[Claim]) -> set[str]:
@@ -162,16 +191,62 @@ class RestTransport(Transport):
     def release(self, claims: Sequence[Claim]) -> int:
         return int(self._rpc("release_jobs", _claims(claims))) if claims else 0
 
-    def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
-        if not claims:
-            return set()
-        return {
-            str(job_id) for job_id in self._rpc("extend_leases", {**_claims(claims), "p_lease_ms": lease_ms})
+    def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
+        params = {
+            "job_id": claim.job_id,
+            "p_claim_token": claim.claim_token,
+            "p_delay_ms": delay_ms,
+            "p_note": note,
+            "p_options": options,
         }
+        return bool(self._rpc("postpone_job", params))
 
-    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
-        """Return jobs whose lease expired to pending (or failed, retries exhausted); how many moved."""
-        return int(self._rpc("requeue_expired_leases", {"p_queue": queue_name}))
+    def presence_policy(self) -> PresencePolicy:
+        return REST_PRESENCE
+
+    def register_worker(self, worker: WorkerInfo, policy: PresencePolicy) -> None:
+        if policy.mode != "heartbeat":
+            raise ValueError("over the REST API a worker can only heartbeat")
+        params = {
+            "p_worker_id": worker.worker_id,
+            "p_presence": policy.mode,
+            "p_stale_after_ms": policy.stale_after_ms,
+            "p_hostname": worker.hostname,
+            "p_pid": worker.pid,
+            "p_queues": list(worker.queues),
+            "p_concurrency": worker.concurrency,
+        }
+        self._rpc("register_worker", params)
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        claims: Sequence[Claim],
+        *,
+        lease_ms: int | None,
+        queues: Sequence[str],
+        max_rescues: int,
+    ) -> HeartbeatReply:
+        params = {
+            "p_worker_id": worker_id,
+            **_claims(claims),
+            "p_lease_ms": lease_ms,
+            "p_queues": list(queues),
+            "p_max_rescues": max_rescues,
+        }
+        rows = self._rpc("worker_heartbeat", params)
+        row = rows[0] if isinstance(rows, list) else rows
+        return HeartbeatReply(
+            registered=bool(row["registered"]),
+            held=frozenset(str(job_id) for job_id in row["held"] or ()),
+            rescued=int(row["rescued"] or 0),
+        )
+
+    def deregister_worker(self, worker_id: str) -> None:
+        self._rpc("deregister_worker", {"p_worker_id": worker_id})
+
+    def rescue(self, max_rescues: int) -> int:
+        return int(self._rpc("rescue_jobs", {"p_max_rescues": max_rescues}))
 
     def purge(self, queue_name: str) -> int:
         return int(self._rpc("purge_queue", {"p_queue": queue_name}))
@@ -188,8 +263,11 @@ class RestTransport(Transport):
             for row in self._rpc("get_queue_stats")
         ]
 
+    def consumers(self) -> dict[str, int]:
+        return {row["queue_name"]: int(row["workers"]) for row in self._rpc("get_queue_consumers")}
+
     def ping(self, timeout_s: float) -> None:
-        self._rpc("queue_ping", client=self._probe_client(timeout_s))
+        self._rpc("queue_ping", client=self._probe_client(timeout_s), idempotent=False)
 
     def _probe_client(self, timeout_s: float) -> Client:
         with self._probe_lock:
@@ -200,7 +278,9 @@ class RestTransport(Transport):
                 self._probe = (timeout_s, http, _supabase_client(self.url, self._key, http))
             return self._probe[2]
 
-    def doorbell(self) -> Doorbell | None:
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
         return RealtimeDoorbell(self.url, self._key.get_secret_value()) if self.realtime else None
 
     def close(self) -> None:

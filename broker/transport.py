@@ -6,7 +6,11 @@ import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, Protocol
+
+#: How a worker tells the queue it is alive: a session advisory lock that PostgreSQL drops the moment the
+#: session ends (direct or session-pooled connections), or heartbeats (transaction poolers, the REST API).
+PresenceMode = Literal["lock", "heartbeat"]
 
 #: Called by a doorbell with a queue name and the earliest run time in epoch milliseconds;
 #: a queue name of None means "anything may have changed" (after a (re)subscribe).
@@ -47,6 +51,7 @@ class ClaimedJob:
     max_retries: int
     created_at: datetime
     session_id: str | None = None
+    prompt: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedJob:
@@ -67,6 +72,7 @@ class ClaimedJob:
             max_retries=row["max_retries"],
             created_at=created_at,
             session_id=str(session_id) if session_id is not None else None,
+            prompt=row.get("prompt"),
         )
 
 
@@ -89,8 +95,54 @@ class QueueStat:
     next_run_at: datetime | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker process as the registry shows it."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PresencePolicy:
+    """How a transport's workers show they are alive, and how soon a silent one counts as dead."""
+
+    mode: PresenceMode
+    #: Seconds between a worker's heartbeats (each also runs the rescue of dead workers' jobs).
+    heartbeat_interval_s: float
+    #: Milliseconds a heartbeat worker may stay silent before its jobs are rescued.
+    stale_after_ms: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    """What the queue answers a heartbeat."""
+
+    #: False when the worker is not in the registry (declared dead): it must register again.
+    registered: bool
+    #: Ids of the given jobs the worker still holds.
+    held: frozenset[str]
+    #: Jobs this heartbeat's rescue returned to the queue (dead workers', expired leases).
+    rescued: int
+
+
+class PresenceListener(Protocol):
+    """Told by a lock-presence doorbell when its session holds the worker's lock, and when it lost it."""
+
+    def session_up(self) -> None: ...
+
+    def session_down(self, reason: str) -> None: ...
+
+
 class Doorbell(abc.ABC):
-    """Wakes idle consumers when jobs arrive; a hint only, polling stays the fallback."""
+    """Wakes idle consumers when jobs arrive; a hint only, polling stays the fallback.
+
+    A doorbell of a lock-presence transport also keeps the worker's registration: its connection holds the
+    worker's session advisory lock, and it tells its PresenceListener when that holds and when it is lost.
+    """
 
     @abc.abstractmethod
     def start(self, ring: RingCallback) -> None:
@@ -99,6 +151,14 @@ class Doorbell(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop listening and release the connection."""
+
+    def reregister(self) -> None:  # noqa: B027 -- only lock-presence doorbells register
+        """The registry dropped this worker: register again on a fresh session (lock presence only)."""
+
+    @property
+    def alive(self) -> bool:
+        """Whether its background thread runs (a dead doorbell turns /health unhealthy)."""
+        return True
 
 
 class Transport(abc.ABC):
@@ -113,16 +173,18 @@ class Transport(abc.ABC):
         """Insert messages; an id seen before is ignored. Returns how many were inserted."""
 
     @abc.abstractmethod
-    def claim(self, worker_id: str, queue_name: str, limit: int, lease_ms: int) -> list[ClaimedJob]:
-        """Claim up to `limit` due jobs of one queue, highest priority first, then oldest."""
+    def claim(
+        self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
+    ) -> list[ClaimedJob]:
+        """Claim up to `limit` due jobs of one queue, highest priority first, then oldest.
+
+        A call repeated with the same `claim_token` (its reply was lost) answers what the first one claimed.
+        Only a registered worker claims anything.
+        """
 
     @abc.abstractmethod
     def complete_many(self, claims: Sequence[Claim]) -> set[str]:
         """Mark held jobs completed in one call; returns the ids completed by these claims."""
-
-    def complete(self, claim: Claim) -> bool:
-        """Mark a held job completed; False when the claim was lost."""
-        return claim.job_id in self.complete_many([claim])
 
     @abc.abstractmethod
     def retry(self, claim: Claim, delay_ms: int, error: str, options: dict[str, Any]) -> bool:
@@ -137,12 +199,36 @@ class Transport(abc.ABC):
         """Return held jobs that never started to pending, with no retry counted."""
 
     @abc.abstractmethod
-    def extend_leases(self, claims: Sequence[Claim], lease_ms: int) -> set[str]:
-        """Extend the leases of held jobs; returns the ids still held."""
+    def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
+        """Put a held job back to pending after `delay_ms`, counting nothing; False if the claim was lost."""
 
     @abc.abstractmethod
-    def requeue_expired_leases(self, queue_name: str | None = None) -> int:
-        """Return jobs whose holder stopped renewing the lease to pending (counting a retry), or fail them."""
+    def presence_policy(self) -> PresencePolicy:
+        """How this transport's workers show they are alive."""
+
+    @abc.abstractmethod
+    def register_worker(self, worker: WorkerInfo, policy: PresencePolicy) -> None:
+        """Add a heartbeat-presence worker to the registry (lock presence registers through its doorbell)."""
+
+    @abc.abstractmethod
+    def heartbeat(
+        self,
+        worker_id: str,
+        claims: Sequence[Claim],
+        *,
+        lease_ms: int | None,
+        queues: Sequence[str],
+        max_rescues: int,
+    ) -> HeartbeatReply:
+        """Note the worker alive, extend its leases (when `lease_ms` is given) and run the rescue."""
+
+    @abc.abstractmethod
+    def deregister_worker(self, worker_id: str) -> None:
+        """Take a worker that stopped cleanly out of the registry."""
+
+    @abc.abstractmethod
+    def rescue(self, max_rescues: int) -> int:
+        """Return dead workers' jobs and expired leases to pending (counting a rescue); how many moved."""
 
     @abc.abstractmethod
     def purge(self, queue_name: str) -> int:
@@ -153,12 +239,21 @@ class Transport(abc.ABC):
         """The queue's counts by queue and status."""
 
     @abc.abstractmethod
+    def consumers(self) -> dict[str, int]:
+        """Registered workers per queue they consume."""
+
+    @abc.abstractmethod
     def ping(self, timeout_s: float) -> None:
         """Answer within `timeout_s` or raise ConnectionClosed: the readiness check."""
 
     @abc.abstractmethod
-    def doorbell(self) -> Doorbell | None:
-        """The wake-up source for this transport, or None in poll-only mode."""
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
+        """The wake-up source for this transport, or None in poll-only mode.
+
+        With lock presence, the doorbell also registers `worker` and reports to `presence`.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

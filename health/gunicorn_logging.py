@@ -7,13 +7,12 @@ service's logging in gunicorn's arbiter process.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from gunicorn.glogging import Logger
 
 from service.errors import ConfigurationError
-from service.logs import configure_logging
+from service.logs import configure_logging, report_configuration_error
 from service.settings import load_settings
 
 
@@ -38,8 +37,8 @@ class StandaloneGunicornLogger(LoguruGunicornLogger):
         try:
             configure_logging(load_settings())
         except ConfigurationError as exc:
-            # Keep gunicorn's plain handlers; loading the app reports the same problems and stops.
-            sys.stderr.write(exc.render() + "\n")
+            # Keep gunicorn's plain handlers; loading the app then fails on the same problems.
+            report_configuration_error(exc, logger_name=__name__)
             Logger.setup(self, cfg)
             return
         super().setup(cfg)

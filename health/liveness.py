@@ -65,7 +65,29 @@ def judge(beat: WorkerBeat, now: float, window_s: float) -> WorkerStatus:
             f"worker process {beat.pid} has not ticked for {age_s:.1f} s, "
             f"over the {window_s:.1f} s window{frozen}"
         )
+    if problem is None and alive and beat.state == "running":
+        problem = _thread_problem(beat, now)
     return WorkerStatus(beat=beat, alive=alive, heartbeat_age_s=age_s, problem=problem)
+
+
+def _thread_problem(beat: WorkerBeat, now: float) -> str | None:
+    """A background thread of the worker that died, or stopped ticking for longer than it may."""
+    for thread in beat.threads:
+        name = thread.get("name", "?")
+        if not thread.get("alive", True):
+            error = thread.get("last_error")
+            return f"worker process {beat.pid}: background thread {name} is dead" + (
+                f" (last error: {error})" if error else ""
+            )
+        stale_after_s, last_tick = thread.get("stale_after_s"), thread.get("last_tick")
+        if isinstance(stale_after_s, int | float) and isinstance(last_tick, int | float):
+            silent_s = now - last_tick
+            if silent_s > stale_after_s:
+                return (
+                    f"worker process {beat.pid}: background thread {name} has not ticked for "
+                    f"{silent_s:.1f} s, over its {stale_after_s:.1f} s window"
+                )
+    return None
 
 
 def assess(run_dir: Path, now: float, window_s: float, *, master_pid: int | None = None) -> Liveness:

@@ -64,6 +64,15 @@ class QueueStatsCollector:
                     jobs.add_metric([queue_name, status], 0)
         yield jobs
         yield oldest
+        consumers = GaugeMetricFamily(
+            "queue_consumers",
+            "Registered worker processes consuming each queue (0 with jobs pending: nobody runs them).",
+            labels=["queue"],
+        )
+        counted = dict(reading.consumers)
+        for queue_name in sorted(set(seen) | set(counted)):
+            consumers.add_metric([queue_name], counted.get(queue_name, 0))
+        yield consumers
 
 
 class WorkerJobsCollector:

@@ -33,6 +33,8 @@ class QueueSummary:
     oldest_pending_age_s: float | None
     #: Jobs completed per minute since the previous line; None on the first line.
     jobs_per_minute: float | None
+    #: Queues with pending jobs that no registered worker consumes: nobody will ever run them.
+    unconsumed: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         """The log line's fields: flat numbers to filter on, and the per-queue counts as JSON."""
@@ -41,6 +43,7 @@ class QueueSummary:
             "queues": json.dumps(self.queues, separators=(",", ":"), sort_keys=True),
             "oldest_pending_age_s": self.oldest_pending_age_s,
             "jobs_per_minute": self.jobs_per_minute,
+            "unconsumed_queues": ",".join(self.unconsumed) or None,
         }
 
 
@@ -56,11 +59,16 @@ def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSumm
     oldest_age_s = None
     if oldest_pending is not None:
         oldest_age_s = round(max(reading.read_at - oldest_pending.timestamp(), 0.0), 3)
+    consumed = {queue for queue, workers in reading.consumers if workers > 0}
+    unconsumed = tuple(
+        sorted(q for q, counts in queues.items() if counts.get("pending") and q not in consumed)
+    )
     return QueueSummary(
         queues=dict(queues),
         totals=totals,
         oldest_pending_age_s=oldest_age_s,
         jobs_per_minute=_jobs_per_minute(reading, previous),
+        unconsumed=unconsumed,
     )
 
 
@@ -103,6 +111,14 @@ class QueueMonitor:
         oldest = "none" if summary.oldest_pending_age_s is None else f"{summary.oldest_pending_age_s:.1f} s"
         counts = ", ".join(f"{summary.totals.get(status, 0)} {status}" for status in STATUSES)
         log.bind(**summary.fields()).info("Queue: {}; oldest pending {}; {} jobs/min", counts, oldest, rate)
+        for queue in summary.unconsumed:
+            pending = summary.queues[queue].get("pending", 0)
+            logger.bind(event="queue_unconsumed", queue=queue, pending=pending).warning(
+                "Queue {!r} has {} pending job(s) and no worker consumes it: check the producers' queue name "
+                "and the workers' --queues",
+                queue,
+                pending,
+            )
         return summary
 
     def start(self) -> None:

@@ -45,11 +45,15 @@ class WorkerBeat:
     duration_bounds_s: tuple[float, ...] = ()
     #: The dramatiq main process that started this worker: a health server judges its own tree's workers.
     master_pid: int | None = None
+    #: The worker's supervised background threads: name, alive, last_tick (epoch s), stale_after_s, restarts,
+    #: last_error.
+    threads: tuple[dict[str, Any], ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["jobs"] = [job.as_json() for job in self.jobs]
         data["duration_bounds_s"] = list(self.duration_bounds_s)
+        data["threads"] = [dict(thread) for thread in self.threads]
         return data
 
     @classmethod
@@ -67,6 +71,7 @@ class WorkerBeat:
             jobs=tuple(ActorJobStats.from_json(job) for job in data.get("jobs", ())),
             duration_bounds_s=tuple(float(bound) for bound in data.get("duration_bounds_s", ())),
             master_pid=None if data.get("master_pid") is None else int(data["master_pid"]),
+            threads=tuple(dict(thread) for thread in data.get("threads", ()) if isinstance(thread, dict)),
         )
 
 

@@ -12,7 +12,7 @@ from health.monitor import QueueMonitor
 from health.readiness import ReadinessProbe
 from health.stats_cache import StatsCache
 from service.settings import Settings
-from service.wiring import build_health_transport
+from service.transports import build_health_transport
 
 
 @dataclasses.dataclass(slots=True)

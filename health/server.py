@@ -1,7 +1,7 @@
-"""The health server inside the dramatiq process tree: a middleware's fork that runs gunicorn.
+"""The health server inside the dramatiq process tree: the fork that runs gunicorn.
 
 Dramatiq's main process starts `serve_in_fork` in a process of its own once the worker processes have booted
-(the way its Prometheus middleware runs its exporter), and sends it SIGTERM when it stops. gunicorn's
+(declared by `worker.health_fork.HealthServer`), and sends it SIGTERM when it stops. gunicorn's
 arbiter replaces the fork's SIGTERM handler with its own; ours keeps serving until the worker processes
 have finished their jobs and gone (or the shutdown timeout passes), then closes the port and exits 0.
 """
@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import falcon
-from dramatiq import Middleware
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from loguru import logger
@@ -24,7 +22,6 @@ from loguru import logger
 from health.gunicorn_logging import LoguruGunicornLogger
 from health.liveness import live_worker_pids
 from health.runtime import HealthRuntime, build_runtime
-from health.signals import forward_foreign_sigterm
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
 
@@ -36,14 +33,6 @@ GRACEFUL_TIMEOUT_S = 3
 WORKER_TIMEOUT_S = 30
 #: Seconds the health server outlives the worker processes' shutdown timeout, at most.
 DRAIN_MARGIN_S = 5.0
-
-
-class HealthServer(Middleware):
-    """Declares the health server as a process for Dramatiq's main process to fork and stop."""
-
-    @property
-    def forks(self) -> list[Callable[[], int]]:
-        return [serve_in_fork]
 
 
 def serve_in_fork() -> int:
@@ -80,7 +69,6 @@ class HealthApplication(BaseApplication):  # type: ignore[misc]
             "logger_class": LoguruGunicornLogger,
             "proc_name": "worker-health",
             "worker_exit": self._worker_exit,
-            "post_fork": self._post_fork,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
@@ -90,10 +78,6 @@ class HealthApplication(BaseApplication):  # type: ignore[misc]
         self.runtime = build_runtime(self.settings, master_pid=self.dramatiq_pid)
         self.runtime.monitor.start()
         return self.runtime.app
-
-    def _post_fork(self, arbiter: Arbiter, worker: Any) -> None:
-        # In the new worker before it starts any thread, so every thread it starts inherits the signal mask.
-        forward_foreign_sigterm(worker, self.dramatiq_pid)
 
     def _worker_exit(self, arbiter: Arbiter, worker: Any) -> None:
         if self.runtime is not None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from broker.transport import QueueStat, Transport
 from health.background_call import BackgroundCall
+from service.settings import DEFAULT_READINESS_TIMEOUT_MS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -20,6 +21,8 @@ class StatsReading:
     read_at: float
     #: The error's type and message when the read failed (no credentials: driver messages carry none).
     error: str | None = None
+    #: Registered workers per queue they consume.
+    consumers: tuple[tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -39,7 +42,7 @@ class StatsCache:
         transport: Transport,
         max_age_ms: int,
         *,
-        wait_ms: int = 2_000,
+        wait_ms: int = DEFAULT_READINESS_TIMEOUT_MS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport = transport
@@ -77,7 +80,8 @@ class StatsCache:
     def _read(self) -> StatsReading:
         try:
             stats = tuple(self.transport.stats())
+            consumers = tuple(sorted(self.transport.consumers().items()))
         except Exception as exc:
             # Any failure, not only ConnectionClosed: a probe must answer, and the monitor must keep going.
             return StatsReading(stats=(), read_at=time.time(), error=f"{type(exc).__name__}: {exc}")
-        return StatsReading(stats=stats, read_at=time.time())
+        return StatsReading(stats=stats, read_at=time.time(), consumers=consumers)

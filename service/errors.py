@@ -18,3 +18,16 @@ class ConfigurationError(ServiceError):
         lines = [f"Invalid configuration ({len(self.problems)} problem(s)):"]
         lines.extend(f"  - {problem}" for problem in self.problems)
         return "\n".join(lines)
+
+
+class BrokerConflict(ServiceError):
+    """Raised when Dramatiq's global broker is already another one as `tasks` is imported: an actor was
+    declared (or a message sent) before, and went to that broker instead of the queue."""
+
+    def __init__(self, current: object) -> None:
+        self.current = type(current).__name__
+        super().__init__(
+            f"Dramatiq's global broker is already a {self.current}: something declared an actor or sent a "
+            "message before `tasks` was imported, and it went there instead of the queue. Import tasks "
+            "before declaring actors: `from tasks import broker`, then `@dramatiq.actor(broker=broker)`."
+        )

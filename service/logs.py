@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from loguru import logger
 
 from broker.log_context import current_job_context
-from service.settings import LogLevel, Settings
+from service.errors import ConfigurationError
+from service.settings import AppEnv, LogLevel, Settings, configured_app_env
 
 if TYPE_CHECKING:
     from loguru import Message, Record, RecordException
@@ -37,8 +38,13 @@ _REDACTED = "***"
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # The password of any scheme://user:password@host URL (postgresql://, redis://, amqp://).
     (re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]*:)[^\s'\"]*@"), rf"\g<1>{_REDACTED}@"),
-    # libpq keyword connection strings: "host=db password=secret".
-    (re.compile(r"\b(password\s*=\s*)[^\s'\",;]+", re.IGNORECASE), rf"\g<1>{_REDACTED}"),
+    # libpq keyword connection strings: "host=db password=secret", or quoted: password='it\'s secret'.
+    (
+        re.compile(
+            r"\b(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s'\",;]+)", re.IGNORECASE
+        ),
+        rf"\g<1>{_REDACTED}",
+    ),
     # JWTs, such as Supabase's anon and service role keys: header.payload[.signature].
     (re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]*)?"), "[redacted-jwt]"),
     # Supabase's newer secret API keys.
@@ -92,6 +98,28 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     for name in CHATTY_LOGGERS:
         # One line per HTTP request of the REST transport would drown the job lines.
         logging.getLogger(name).setLevel(max(logging.WARNING, logger.level(level).no))
+
+
+def report_configuration_error(
+    exc: ConfigurationError, *, logger_name: str, stream: TextIO | None = None
+) -> None:
+    """Say what is wrong with the settings, which may be why logging could not be set up: one JSON line (every
+    problem in `problems`) when APP_ENV says production, the plain list otherwise."""
+    out = stream or sys.__stderr__ or sys.stderr
+    if configured_app_env() == AppEnv.production.value:
+        problems = [redact(problem) for problem in exc.problems]
+        line = {
+            "ts": _utc_timestamp(datetime.now(UTC)),
+            "level": "CRITICAL",
+            "logger": logger_name,
+            "message": f"Invalid configuration ({len(problems)} problem(s)): {'; '.join(problems)}",
+            "problems": problems,
+        }
+        text = json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = redact(exc.render())
+    out.write(text + "\n")
+    out.flush()
 
 
 class InterceptHandler(logging.Handler):

@@ -17,11 +17,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
-from loguru import logger
+from loguru import logger as _loguru
 
 from service.errors import ConfigurationError, ServiceError
+from service.exit_codes import EXIT_CONFIGURATION, EXIT_MIGRATION_FAILED
+
+if TYPE_CHECKING:
+    from loguru import Record
 
 
 def _find_supabase_dir() -> Path:
@@ -52,6 +57,34 @@ alter table supabase_migrations.schema_migrations add column if not exists name 
 Connection = psycopg.Connection[tuple[object, ...]]
 
 _DESCRIPTION = "Apply the queue's bootstrap and migrations to DATABASE_URL."
+
+
+def _named(record: Record) -> None:
+    record["name"] = "service.migrate"
+
+
+#: Named after this module even when it runs as `python -m service.migrate` (whose __name__ is __main__).
+logger = _loguru.patch(_named)
+
+
+#: Whether the database is plain PostgreSQL or a Supabase project: Supabase's auth schema always has
+#: auth.users (its auth server's table); our bootstrap creates the auth schema and roles, never that table.
+_DATABASE_KIND_SQL = """
+select to_regnamespace('auth') is not null
+       and exists (select from pg_catalog.pg_roles where rolname = 'service_role') as has_supabase_roles,
+       to_regclass('auth.users') is not null as is_supabase_project
+"""
+
+
+class BootstrapNeeded(ServiceError):
+    """Raised when the database lacks Supabase's roles and auth schema and --bootstrap was not given."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the database has no Supabase roles or auth schema: it is plain PostgreSQL, not a Supabase "
+            "project. Run `python -m service.migrate --bootstrap` to create them first (on a Supabase "
+            "project --bootstrap changes nothing of Supabase's)."
+        )
 
 
 class MigrationError(ServiceError):
@@ -91,21 +124,29 @@ def find_migrations(migrations_dir: Path) -> list[Migration]:
 def apply_migrations(url: str, *, bootstrap: bool, supabase_dir: Path = SUPABASE_DIR) -> list[str]:
     """Apply the bootstrap (when asked) and every unrecorded migration; return the versions applied.
 
-    Each migration runs in its own transaction together with its history row, so a failure leaves the
-    database at the previous version. Every transaction starts by taking a transaction-scoped advisory lock
-    and only then reads the history, so appliers that start together take turns: each migration is applied
-    once, in order, whoever applies it. The lock ends with its transaction, so nothing is left behind on the
-    server connection, which a transaction-mode pooler (Supavisor port 6543) hands to its next client.
+    The bootstrap is skipped on a Supabase project, whose roles and auth schema are Supabase's own; without
+    it, plain PostgreSQL is refused with BootstrapNeeded before anything is applied. Each migration runs in
+    its own transaction together with its history row, so a failure leaves the database at the previous
+    version. Every transaction starts by taking a transaction-scoped advisory lock and only then reads the
+    history, so appliers that start together take turns: each migration is applied once, in order, whoever
+    applies it. The lock ends with its transaction, so nothing is left behind on the server connection, which
+    a transaction-mode pooler (Supavisor port 6543) hands to its next client.
     """
     applied: list[str] = []
     migrations = find_migrations(supabase_dir / "migrations")
     # No server-side prepared statements: through a transaction pooler they would stay on its connections.
     with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
-        if bootstrap:
+        kind = conn.execute(_DATABASE_KIND_SQL).fetchone()
+        has_supabase_roles, is_supabase_project = kind if kind is not None else (False, False)
+        if bootstrap and is_supabase_project:
+            logger.info("A Supabase project: its roles and auth schema are Supabase's own; no bootstrap")
+        elif bootstrap:
             bootstrap_path = supabase_dir / "bootstrap.sql"
             with _turn(conn):
                 conn.execute(bootstrap_path.read_text(encoding="utf-8"))
             logger.debug("Applied {}", bootstrap_path.name)
+        elif not has_supabase_roles:
+            raise BootstrapNeeded()
         with _turn(conn):
             conn.execute(_HISTORY_TABLE_SQL)
         while (migration := _apply_next(conn, migrations)) is not None:
@@ -150,62 +191,81 @@ def _apply_next(conn: Connection, migrations: list[Migration]) -> Migration | No
     return migration
 
 
-def describe_target(url: str) -> str:
-    """Where a URL points, for logs: database, host and port, never the password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "the configured database"
-    host = info.get("host") or "the default socket"
-    port = info.get("port") or "5432"
-    return f"database {info.get('dbname') or info.get('user') or '?'} on {host}:{port}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m service.migrate`: exit 0 when applied, 1 when the database refused, 2 on bad settings."""
     parser = argparse.ArgumentParser(prog="python -m service.migrate", description=_DESCRIPTION)
     parser.add_argument(
         "--bootstrap",
         action="store_true",
-        help="also create Supabase's roles and auth.uid() (plain PostgreSQL only, never a Supabase project)",
+        help="first create Supabase's roles and auth.uid() where they are missing (plain PostgreSQL); "
+        "a Supabase project is left as it is",
     )
     args = parser.parse_args(argv)
-    logger.remove()
-    logger.add(sys.stderr, format="{time:HH:mm:ss} {level} {message}", level="INFO")
 
+    from service.logs import configure_logging, report_configuration_error
     from service.settings import load_settings
+    from service.transports import describe_target
 
     try:
         settings = load_settings()
-        if settings.uses_embedded_database:
-            from service.embedded_db import ensure_embedded_database
-
-            # The embedded database is plain PostgreSQL: it always gets the bootstrap.
-            ensure_embedded_database(settings)
-            logger.info("Embedded database in {} is up to date", settings.embedded_database_dir)
-            return 0
-        if settings.database_url is None:
+        if settings.database_url is None and not settings.uses_embedded_database:
             raise ConfigurationError(["DATABASE_URL: required to apply migrations"])
-        url = settings.database_url.get_secret_value()
     except ConfigurationError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
+        report_configuration_error(exc, logger_name=__name__)
+        return EXIT_CONFIGURATION
+    configure_logging(settings)
 
+    if settings.database_url is None:
+        return _migrate_embedded(settings.embedded_database_dir)
+    url = settings.database_url.get_secret_value()
     target = describe_target(url)
     try:
         logger.info("Applying migrations to {}", target)
         applied = apply_migrations(url, bootstrap=args.bootstrap)
+    except BootstrapNeeded as exc:
+        logger.error("Not applying migrations to {}: {}", target, exc)
+        return EXIT_CONFIGURATION
     except MigrationError as exc:
         logger.error("{}", exc)
-        return 1
+        return EXIT_MIGRATION_FAILED
     except psycopg.Error as exc:
         # libpq's messages name the host and port, never the password.
         logger.error("Could not apply migrations to {}: {}", target, str(exc).strip())
-        return 1
+        return EXIT_MIGRATION_FAILED
     if applied:
         logger.info("Applied {} migration(s): {}", len(applied), ", ".join(applied))
     else:
         logger.info("Nothing to apply: {} is up to date", target)
+    return 0
+
+
+def _migrate_embedded(data_dir: Path) -> int:
+    """Development without DATABASE_URL: start the embedded PostgreSQL (an explicit command, so no surprise)
+    and migrate it; it is plain PostgreSQL, so it always gets the bootstrap."""
+    from service.embedded_db import (
+        EmbeddedDatabaseUnavailable,
+        find_embedded_postgres,
+        start_embedded_postgres,
+    )
+
+    data_dir = data_dir.resolve()
+    was_running = find_embedded_postgres(data_dir) is not None
+    try:
+        embedded = start_embedded_postgres(data_dir)
+        applied = apply_migrations(embedded.url, bootstrap=True)
+    except EmbeddedDatabaseUnavailable as exc:
+        logger.error("No embedded PostgreSQL: {}", exc)
+        return EXIT_CONFIGURATION
+    except MigrationError as exc:
+        logger.error("{}", exc)
+        return EXIT_MIGRATION_FAILED
+    logger.info(
+        "The embedded development database in {} is {} and up to date ({} migration(s) applied); stop it with"
+        " `python -m service.embedded_db stop`",
+        data_dir,
+        "running" if was_running else "started",
+        len(applied),
+    )
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
+import os
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from pydantic import (
     AnyHttpUrl,
     Field,
@@ -17,7 +20,18 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.defaults import (
+    DEFAULT_LEASE_MS,
+    DEFAULT_MAX_RESCUES,
+    DEFAULT_POLL_INTERVAL_MS,
+    DEFAULT_UNKNOWN_ACTOR_GRACE_MS,
+)
 from service.errors import ConfigurationError
+
+#: The port of /health, /ready and /metrics (HEALTH_CHECK_PORT); the container's probe reads it too.
+DEFAULT_HEALTH_CHECK_PORT = 8080
+#: Milliseconds /ready, and a /metrics read of the queue's statistics, wait for the database.
+DEFAULT_READINESS_TIMEOUT_MS = 2_000
 
 
 class AppEnv(enum.StrEnum):
@@ -59,8 +73,9 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         hide_input_in_errors=True,
-        # An empty value means "not set", as in .env.example.
-        env_ignore_empty=True,
+        # Empty values are read, so that an empty variable in the environment still wins over .env; the
+        # validator below then treats empty as "not set", as .env.example does.
+        env_ignore_empty=False,
     )
 
     database_url: SecretStr | None = None
@@ -73,17 +88,23 @@ class Settings(BaseSettings):
     #: Pooled connections per worker process; empty: 2 for one thread, 3 for more (service/budget.py).
     database_pool_size: int | None = Field(None, ge=1, le=64)
 
-    poll_interval_ms: int = Field(10_000, ge=50, le=3_600_000)
+    poll_interval_ms: int = Field(DEFAULT_POLL_INTERVAL_MS, ge=50, le=3_600_000)
     max_concurrent_jobs: int = Field(1, ge=1, le=256)
     #: Jobs a worker process may claim beyond its free threads. 0: it never holds a job it cannot start, so
     #: an idle container takes the next long job; raise it for many short jobs (more throughput).
     claim_ahead_jobs: int = Field(0, ge=0, le=10_000)
     #: Worker processes per container (`--processes`); scale out by adding containers.
     worker_processes: int = Field(1, ge=1, le=64)
-    shutdown_timeout_ms: int = Field(30_000, ge=0, le=3_600_000)
+    #: How long running jobs may take to finish after SIGTERM before they are stopped and handed back. With
+    #: the stop steps after it, a shutdown takes at most this plus ~7 s: inside Kubernetes' 30 s default.
+    shutdown_timeout_ms: int = Field(20_000, ge=0, le=3_600_000)
     #: How long a claimed job stays ours without a lease extension.
-    job_lease_ms: int = Field(60_000, ge=1_000, le=86_400_000)
-    health_check_port: int = Field(8080, ge=1, le=65535)
+    job_lease_ms: int = Field(DEFAULT_LEASE_MS, ge=1_000, le=86_400_000)
+    #: Times a job may lose its worker (killed, OOM, frozen past its lease) before it is dead-lettered.
+    max_rescues: int = Field(DEFAULT_MAX_RESCUES, ge=1, le=1_000)
+    #: How long a job naming an actor no worker knows is offered again before it fails (rolling deploys).
+    unknown_actor_grace_ms: int = Field(DEFAULT_UNKNOWN_ACTOR_GRACE_MS, ge=0, le=86_400_000)
+    health_check_port: int = Field(DEFAULT_HEALTH_CHECK_PORT, ge=1, le=65535)
     #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
     #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.
     run_dir: Path | None = None
@@ -92,7 +113,7 @@ class Settings(BaseSettings):
     #: How long one get_queue_stats() read serves /metrics and the queue monitor.
     stats_cache_ms: int = Field(5_000, ge=0, le=3_600_000)
     #: How long /ready waits for the queue's database to answer.
-    readiness_timeout_ms: int = Field(2_000, ge=100, le=60_000)
+    readiness_timeout_ms: int = Field(DEFAULT_READINESS_TIMEOUT_MS, ge=100, le=60_000)
     #: How often the queue monitor logs one line of queue statistics.
     queue_stats_interval_ms: int = Field(30_000, ge=100, le=86_400_000)
     log_level: LogLevel = LogLevel.info
@@ -102,6 +123,15 @@ class Settings(BaseSettings):
     coding_job_duration_ms: int = Field(2_000, ge=0, le=86_400_000)
     #: Where the embedded PostgreSQL keeps its data in development.
     embedded_database_dir: Path = Path(".data/postgres")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value for key, value in data.items() if not (isinstance(value, str) and not value.strip())
+        }
 
     @field_validator("database_url")
     @classmethod
@@ -191,19 +221,44 @@ def _cross_field_error(error: Any) -> _CrossFieldProblems | None:
     return cause if isinstance(cause, _CrossFieldProblems) else None
 
 
+#: How close an unknown name in .env must be to a setting's name to be reported as a misspelling of it.
+_MISSPELLING_CUTOFF = 0.85
+
+
+def misspelt_env_file_names(env_file: Path = Path(".env")) -> list[str]:
+    """Problems for the names in `env_file` that are not settings but nearly are (a typo would otherwise
+    leave the setting at its default, silently). Other names are left alone: tools may share the file."""
+    if not env_file.is_file():
+        return []
+    names = list(Settings.model_fields)
+    problems: list[str] = []
+    for key in dotenv_values(env_file, encoding="utf-8"):
+        if key.lower() in names:
+            continue
+        close = difflib.get_close_matches(key.lower(), names, n=1, cutoff=_MISSPELLING_CUTOFF)
+        if close:
+            problems.append(f"{key.upper()} (in {env_file}): not a setting; did you mean {close[0].upper()}?")
+    return problems
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, or raise ConfigurationError listing every problem at once."""
+    misspelt = misspelt_env_file_names()
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
+    else:
+        if misspelt:
+            raise ConfigurationError(misspelt)
+        return settings
     problems: list[str] = []
     for error in errors:
         problems.extend(part.strip() for part in _describe(error).split(";"))
     invalid = {str(error["loc"][0]) for error in errors if error.get("loc")}
     if invalid and not any(_cross_field_error(error) for error in errors):
         problems.extend(_cross_field_problems_despite(invalid, overrides))
-    raise ConfigurationError(problems) from None
+    raise ConfigurationError(problems + misspelt) from None
 
 
 def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) -> list[str]:
@@ -226,6 +281,20 @@ def _cross_field_problems_despite(invalid: set[str], overrides: dict[str, Any]) 
     return []
 
 
+def configured_app_env() -> str:
+    """APP_ENV as the environment (first) or .env sets it, read without the other settings, which may be
+    the invalid ones: how to report a configuration error depends on it."""
+    for key, value in os.environ.items():
+        if key.lower() == "app_env":
+            return value.strip().lower() or AppEnv.development.value
+    env_file = Path(".env")
+    if env_file.is_file():
+        for name, found in dotenv_values(env_file, encoding="utf-8").items():
+            if name.lower() == "app_env" and found and found.strip():
+                return found.strip().lower()
+    return AppEnv.development.value
+
+
 class ProbeSettings(BaseSettings):
     """Just what the container's health probe needs: it runs without the worker's secrets."""
 
@@ -237,4 +306,4 @@ class ProbeSettings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    health_check_port: int = Field(8080, ge=1, le=65535)
+    health_check_port: int = Field(DEFAULT_HEALTH_CHECK_PORT, ge=1, le=65535)

@@ -1,4 +1,8 @@
-"""Builds the transport and the broker from the settings: the one place that wires them."""
+"""Builds the worker's broker from the settings: the one place that wires the broker to its transport.
+
+Nothing connects here: the transport's pool opens on first use, and the worker process checks the queue at
+start-up (`worker.startup`), so a producer that imports `tasks` never blocks or exits at import.
+"""
 
 from __future__ import annotations
 
@@ -6,67 +10,21 @@ from dramatiq.middleware import GroupCallbacks
 from dramatiq.results import Results
 
 from broker.broker import SupabaseBroker
-from broker.transport import Transport
-from service.budget import HEALTH_POOL_SIZE, worker_pool_size
-from service.settings import Settings, TransportKind
-
-#: How the health fork's connection shows in pg_stat_activity (the workers' show as queue-worker).
-HEALTH_APPLICATION_NAME = "queue-health"
-
-
-def database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL's URL in development (started and migrated on first use)."""
-    if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
-    from service.embedded_db import ensure_embedded_database
-
-    return ensure_embedded_database(settings)
-
-
-def build_transport(settings: Settings) -> Transport:
-    """The transport the settings select, sized for a worker process (service/budget.py)."""
-    if settings.transport is TransportKind.rest:
-        from broker.rest import RestTransport
-
-        return RestTransport.from_settings(settings)
-    from broker.postgres import PostgresTransport
-
-    return PostgresTransport(
-        database_url(settings),
-        pool_size=settings.database_pool_size or worker_pool_size(settings.max_concurrent_jobs),
-        poll_only=settings.database_poll_only,
-    )
-
-
-def build_health_transport(settings: Settings) -> Transport:
-    """The transport of the health process: one connection, no LISTEN, no session probe."""
-    if settings.transport is TransportKind.rest:
-        from broker.rest import RestTransport
-
-        return RestTransport.from_settings(settings)
-    from broker.postgres import PostgresTransport
-
-    return PostgresTransport(
-        database_url(settings),
-        pool_size=HEALTH_POOL_SIZE,
-        application_name=HEALTH_APPLICATION_NAME,
-        sessions=False,
-    )
+from service.settings import Settings
+from service.transports import build_transport
 
 
 def build_broker(settings: Settings) -> SupabaseBroker:
-    """The broker over the selected transport, with the queue's schema checked."""
-    transport = build_transport(settings)
-    try:
-        transport.check_schema()
-    except BaseException:
-        transport.close()  # a refused start-up leaves no connection behind
-        raise
+    """The broker over the transport the settings select, with the result backends it supports."""
     broker = SupabaseBroker(
-        transport,
+        build_transport(settings),
         lease_ms=settings.job_lease_ms,
         poll_interval_ms=settings.poll_interval_ms,
         claim_ahead=settings.claim_ahead_jobs,
+        concurrency=settings.max_concurrent_jobs,
+        shutdown_timeout_ms=settings.shutdown_timeout_ms,
+        max_rescues=settings.max_rescues,
+        unknown_actor_grace_ms=settings.unknown_actor_grace_ms,
     )
     add_result_backends(broker)
     return broker

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -130,6 +131,12 @@ def wait_for(condition: Callable[[], T | None], timeout_s: float, message: str) 
     return value
 
 
+def children(pid: int) -> list[int]:
+    """The pids of a process's direct children."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=5, check=False)
+    return [int(child) for child in found.stdout.split()]
+
+
 def assert_all_json(cli: CliProcess) -> None:
     plain = [line for line, parsed in iter_json(cli.lines) if parsed is None and line.strip()]
     assert plain == [], "lines that are not JSON:\n" + "\n".join(plain[:20])
@@ -215,9 +222,9 @@ def test_gunicorn_run_standalone_serves_the_same_app(
 def test_the_cli_serves_health_ready_and_metrics_from_its_fork(
     db: Rows, database_url: str, run_dir: Path, workers: WorkerProcesses
 ) -> None:
-    # Given the real CLI with two worker processes
+    # Given the container's command with two worker processes
     port = free_port()
-    cli = workers.start(health_env(database_url, run_dir, port), processes=2, threads=1)
+    cli = workers.launch(health_env(database_url, run_dir, port, worker_processes=2, max_concurrent_jobs=1))
 
     # Then its health server answers for both processes
     found = wait_for(lambda: healthy_workers(port, 2), BOOT_S, "/health 200 with two workers")
@@ -241,6 +248,16 @@ def test_the_cli_serves_health_ready_and_metrics_from_its_fork(
     assert (
         samples["worker_job_duration_seconds_count"][(("actor", "run_coding_job"), ("queue", "default"))] == 1
     )
+
+    # When something outside the process tree sends SIGTERM to the health server's gunicorn worker
+    [arbiter] = [pid for pid in cli.child_pids() if pid not in worker_pids]
+    [first_server] = children(arbiter)
+    os.kill(first_server, signal.SIGTERM)
+
+    # Then gunicorn replaces its worker, as gunicorn does; the worker service runs on and answers again
+    wait_for(lambda: (children(arbiter) or [first_server])[0] != first_server or None, STOP_S, "a new worker")
+    wait_for(lambda: healthy_workers(port, 2), BOOT_S, "/health 200 again")
+    assert cli.popen.poll() is None, cli.tail()
 
     # When the CLI is stopped
     code, _ = cli.stop(signal.SIGTERM, STOP_S)

@@ -196,7 +196,8 @@ def test_a_worker_that_gets_no_connection_says_why_within_seconds(
             cli = workers.start(cli_env(url), processes=1, threads=1)
 
             # Then it says why it cannot work within seconds, and stops for the restart policy to try again
-            cli.wait_for_line(r"ran nothing within .* server connections are all taken", SILENT_AT_MOST_S)
+            says_why = r"answered nothing within .* server connections are all taken"
+            cli.wait_for_line(says_why, SILENT_AT_MOST_S)
             assert time.monotonic() - started < SILENT_AT_MOST_S
             assert cli.wait(STOP_S) != 0
         finally:

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 
 #: seconds for a CLI to boot and claim its first job
 BOOT_S = 30.0
+#: seconds within which a dead worker's jobs are rescued on the direct transport (the target is 5)
+RESCUE_S = 15.0
 #: seconds beyond --worker-shutdown-timeout that a stop may take (Dramatiq notices signals once a second)
 STOP_MARGIN_S = 5.0
 #: The shutdown steps, in the order they must be logged.
@@ -160,7 +162,7 @@ def test_shutdown_stops_claiming_first_and_logs_each_step(
     assert sum(released) == held - 1, cli.output
 
 
-def test_a_killed_worker_process_stops_the_cli_and_no_claimed_job_is_lost(
+def test_a_killed_worker_process_stops_the_cli_and_its_jobs_are_rescued_without_spending_retries(
     db: Rows, database_url: str, workers: WorkerProcesses
 ) -> None:
     # Given two worker processes, each holding a long job and a prefetched one
@@ -177,6 +179,8 @@ def test_a_killed_worker_process_stops_the_cli_and_no_claimed_job_is_lost(
     victim = sorted(worker_ids)[0]
     victim_pid = pid_of_worker_id(victim)
     assert victim_pid in cli.child_pids()
+    victims = [job_id for job_id, row in job_rows(db).items() if row["locked_by"] == victim]
+    assert len(victims) == 2
 
     # When one worker process is killed outright
     os.kill(victim_pid, signal.SIGKILL)
@@ -185,13 +189,21 @@ def test_a_killed_worker_process_stops_the_cli_and_no_claimed_job_is_lost(
     # Then the CLI stopped the other one and exited non-zero, so a restart policy brings it back
     assert code != 0, cli.tail()
     cli.wait_for_line(r"exited unexpectedly", 1)
-    # and no job was lost: the killed process's jobs wait for their leases, the survivor's are pending again
+    # and no job was lost or failed: the survivor handed its jobs back
     rows = job_rows(db)
     assert set(rows) == set(job_ids)
     assert [row for row in rows.values() if row["status"] in ("completed", "failed")] == []
-    victims = [row for row in rows.values() if row["locked_by"] == victim]
-    assert len(victims) == 2
-    for row in victims:
-        assert row["status"] == "processing" and row["lease_in_future"], row
-    survivors = [row for row in rows.values() if row["locked_by"] != victim]
+    survivors = [row for job_id, row in rows.items() if job_id not in victims]
     assert {row["status"] for row in survivors} == {"pending"}
+
+    # And the killed process's jobs are rescued within seconds (by the survivor before it left, or by the
+    # restarted worker at start-up), counting a rescue, never a retry: not after a lease of a minute
+    workers.start(env, processes=1, threads=1, shutdown_timeout_ms=1000)
+
+    def rescued() -> list[dict[str, object]]:
+        rows = [job_rows(db)[job_id] for job_id in victims]
+        return rows if all(row["rescue_count"] == 1 and row["locked_by"] != victim for row in rows) else []
+
+    for row in wait_until(rescued, RESCUE_S, message="the killed worker's jobs to be rescued"):
+        assert row["retry_count"] == 0, row
+        assert row["status"] in ("pending", "processing"), row

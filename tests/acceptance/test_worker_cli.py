@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -171,19 +172,18 @@ def test_production_logs_are_json_carry_the_job_ids_and_no_secrets(
     [edge_job] = insert_edge_jobs(db, 1)
     producer_job = next(job for job in job_rows(db) if job != edge_job)
 
-    # When the CLI runs both and stops
-    cli = workers.start(env, threads=2)
+    # When the container's command runs both and stops
+    cli = workers.launch({**env, "MAX_CONCURRENT_JOBS": "2"})
     wait_until(lambda: _completed(db, 2), BOOT_S, message="both rows completed")
     code, _ = cli.stop(signal.SIGTERM, STOP_S)
     assert code == 0, cli.tail()
     lines = cli.lines
 
-    # Then every line, the main process's included, is one JSON object with the standard keys
-    not_json = [line for line, parsed in iter_json(lines) if parsed is None]
-    assert not_json == [], "lines that are not JSON objects:\n" + "\n".join(not_json[:20])
-    records = [parsed for _, parsed in iter_json(lines) if parsed is not None]
+    # Then every line, the dramatiq main process's own included, is one JSON object with the standard keys
+    records = all_json(lines)
     assert all({"ts", "level", "logger", "message"} <= record.keys() for record in records)
-    assert any(record["logger"] == "dramatiq.MainProcess" for record in records)
+    main_lines = {record["message"] for record in records if record["logger"] == "dramatiq.MainProcess"}
+    assert "Sending signal 'SIGTERM' to subprocesses..." in main_lines, main_lines
 
     # and every line written while a job ran carries the job's ids
     rows = job_rows(db)
@@ -214,17 +214,22 @@ def test_settings_errors_are_all_listed_without_a_traceback(workers: WorkerProce
     # Given production settings with no DATABASE_URL and a poll interval that is not a number
     env = cli_env(None, app_env="production", poll_interval_ms="abc")
 
-    # When the CLI starts
-    cli = workers.start(env)
-    code = cli.wait(REFUSE_S)
+    # When the stock CLI starts, and the container's command
+    for cli in (workers.start(env), workers.launch(env)):
+        code = cli.wait(REFUSE_S)
 
-    # Then it exits with the configuration exit code, naming both problems, and no traceback
-    output = cli.output
-    assert code == 2, output
-    assert "DATABASE_URL" in output, output
-    assert "POLL_INTERVAL_MS" in output, output
-    assert "Traceback" not in output, output
-    assert "Worker process is ready" not in output
+        # Then each exits with the configuration exit code, naming both problems, and no traceback
+        output = cli.output
+        assert code == 2, output
+        assert "DATABASE_URL" in output, output
+        assert "POLL_INTERVAL_MS" in output, output
+        assert "Traceback" not in output, output
+        assert "Worker process is ready" not in output
+
+    # and the container's command says it in one JSON line (production), every problem listed
+    [line] = all_json(cli.lines)
+    assert line["level"] == "CRITICAL"
+    assert [problem.split(":")[0] for problem in line["problems"]] == ["POLL_INTERVAL_MS", "DATABASE_URL"]
 
 
 def test_missing_migrations_are_reported_without_a_traceback(
@@ -236,23 +241,26 @@ def test_missing_migrations_are_reported_without_a_traceback(
     try:
         env = cli_env(empty_url, app_env="production", poll_interval_ms=200)
 
-        # When the CLI starts
-        cli = workers.start(env)
+        # When the container's command starts
+        cli = workers.launch(env)
         code = cli.wait(REFUSE_S)
     finally:
         workers.close()
         database_server.drop(name)
 
-    # Then it exits non-zero and says what to do
+    # Then it exits with the configuration exit code and says what to do, on plain PostgreSQL too
     output = cli.output
     assert code == 2, output
     assert "apply the migrations" in output.lower(), output
+    assert "python -m service.migrate --bootstrap" in output, output
     assert "Traceback" not in output, output
-    # and, in production, says it as a JSON log line
+    assert "Worker process is ready" not in output
+    # and, in production, every line says it as JSON, the dramatiq main process's last words included
+    records = all_json(cli.lines)
+    assert any(record["level"] == "CRITICAL" and "migrations" in record["message"] for record in records)
     assert any(
-        parsed is not None and parsed["level"] == "CRITICAL" and "migrations" in parsed["message"]
-        for _, parsed in iter_json(cli.lines)
-    ), output
+        record["logger"] == "dramatiq.MainProcess" and "code 2" in record["message"] for record in records
+    )
 
 
 def test_an_unreachable_database_is_reported_without_a_traceback(workers: WorkerProcesses) -> None:
@@ -269,3 +277,55 @@ def test_an_unreachable_database_is_reported_without_a_traceback(workers: Worker
     assert code == 3, output
     assert "Cannot reach the queue" in output, output
     assert "Traceback" not in output and password not in output, output
+
+
+def test_a_refused_login_is_a_configuration_error_not_a_restart(workers: WorkerProcesses) -> None:
+    # Given a DATABASE_URL whose user the server does not know (as a wrong password would be refused)
+    password = "Refused-S3cret"
+    env = cli_env(f"postgresql://no_such_worker:{password}@127.0.0.1:5432/postgres", app_env="production")
+
+    # When the container's command starts
+    cli = workers.launch(env)
+    code = cli.wait(REFUSE_S)
+
+    # Then it exits with the configuration exit code, not the "cannot connect" one that a restart retries
+    output = cli.output
+    assert code == 2, output
+    critical = [record for record in all_json(cli.lines) if record["level"] == "CRITICAL"]
+    assert critical and "refused" in critical[0]["message"], output
+    assert "no_such_worker" in critical[0]["message"]
+    assert "Traceback" not in output and password not in output, output
+
+
+def test_a_taken_health_port_stops_the_worker_before_it_claims(
+    db: Rows, database_url: str, workers: WorkerProcesses
+) -> None:
+    # Given a job waiting, and another process listening on the health check port
+    [job_id] = insert_edge_jobs(db, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = cli_env(database_url, app_env="production", health_check_port=port, poll_interval_ms=200)
+
+        # When the CLI starts
+        cli = workers.start(env)
+        code = cli.wait(REFUSE_S)
+
+    # Then it refuses to run without its probe endpoint: a configuration error, said once, nothing claimed
+    output = cli.output
+    assert code == 2, output
+    assert any(
+        record["level"] == "CRITICAL" and f"HEALTH_CHECK_PORT {port}" in record["message"]
+        for _, record in iter_json(cli.lines)
+        if record is not None
+    ), output
+    assert "Worker process is ready" not in output
+    assert job_rows(db)[job_id]["status"] == "pending"
+
+
+def all_json(lines: list[str]) -> list[dict[str, Any]]:
+    """Every line as a JSON object; fails the test naming the lines that are not."""
+    not_json = [line for line, parsed in iter_json(lines) if parsed is None]
+    assert not_json == [], "lines that are not JSON objects:\n" + "\n".join(not_json[:20])
+    return [parsed for _, parsed in iter_json(lines) if parsed is not None]

@@ -55,8 +55,9 @@ def test_an_edge_function_row_is_completed_by_the_coding_actor(
     with running_worker(broker, threads=1):
         row = wait_for_status(db, job_id, "completed", RUN_TIMEOUT_S)
     assert row["actor_name"] == jobs_coding.CODING_ACTOR_NAME
+    # The prompt is stored once, in its column; the worker hands it to the actor with the other kwargs
+    assert row["prompt"] == "add a button"
     assert row["kwargs"] == {
-        "prompt": "add a button",
         "session_id": str(session_id),
         "project_id": str(project_id),
         "user_id": str(user_id),

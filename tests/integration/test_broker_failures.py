@@ -9,8 +9,16 @@ from typing import Any
 import pytest
 
 from broker.broker import SupabaseBroker
-from tests.support.actors import OVERRUN_TIME_LIMIT_MS
-from tests.support.brokers import Db, insert_job, job, running_worker, wait_for_status, wait_until
+from tests.support.actors import OVERRUN_TIME_LIMIT_MS, declare_test_actors
+from tests.support.brokers import (
+    BrokerFactory,
+    Db,
+    insert_job,
+    job,
+    running_worker,
+    wait_for_status,
+    wait_until,
+)
 
 #: Seconds any single job of these tests may take to reach its final state.
 SETTLE_TIMEOUT_S = 10
@@ -127,16 +135,32 @@ def test_the_rows_max_retries_applies_to_rows_inserted_directly(
     assert len(actors.runs.of("fail_always")) == 2
 
 
-def test_an_unknown_actor_fails_its_row_and_the_worker_keeps_running(
-    broker: SupabaseBroker, actors: SimpleNamespace, db: Db
+def test_an_unknown_actor_waits_for_a_worker_that_knows_it_then_fails_after_the_grace(
+    make_broker: BrokerFactory, db: Db
 ) -> None:
+    # Given a job for an actor only newer workers know (a rolling deploy), and an older worker
     job_id = insert_job(db, actor_name="no_such_actor", args=[1])
+    patient = make_broker(unknown_actor_grace_ms=600_000)
+    actors = declare_test_actors(patient)
 
-    with running_worker(broker, threads=1):
-        row = wait_for_status(db, job_id, "failed", SETTLE_TIMEOUT_S)
+    # Then it goes back to the queue for later, counting no retry, and the worker keeps working
+    with running_worker(patient, threads=1):
+        row = wait_until(
+            lambda: (r := job(db, job_id))["status"] == "pending" and r["error_message"] and r,
+            SETTLE_TIMEOUT_S,
+            "the job to be put back",
+        )
         assert_keeps_working(actors, db)
+    assert "waiting for a worker that knows actor 'no_such_actor'" in row["error_message"]
+    assert row["run_at"] > row["created_at"] and row["retry_count"] == 0
 
-    assert row["error_message"].startswith("ActorNotFound: no_such_actor")
+    # And once the grace is over, a worker that still does not know it fails it with a message saying so
+    db.execute("update public.coding_jobs set run_at = now() where id = %s", (job_id,))
+    impatient = make_broker(unknown_actor_grace_ms=0)
+    declare_test_actors(impatient)
+    with running_worker(impatient, threads=1):
+        row = wait_for_status(db, job_id, "failed", SETTLE_TIMEOUT_S)
+    assert "no worker knows actor 'no_such_actor'" in row["error_message"]
     assert row["retry_count"] == 0
 
 

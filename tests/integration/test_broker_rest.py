@@ -20,7 +20,7 @@ from broker.broker import SupabaseBroker
 from broker.errors import QueueAccessDenied
 from broker.realtime import RING_EVENT, RealtimeDoorbell
 from broker.rest import RestTransport
-from broker.transport import Doorbell
+from broker.transport import Doorbell, PresenceListener, WorkerInfo
 from service.settings import load_settings
 from service.wiring import build_broker as build_broker_from_settings
 from tests.support.actors import declare_test_actors
@@ -70,7 +70,9 @@ class RestTransportWithRealtimeAt(RestTransport):
         self.realtime_key = key
         self.doorbells: list[RealtimeDoorbell] = []
 
-    def doorbell(self) -> Doorbell | None:
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
         bell = RealtimeDoorbell(
             self.realtime_url, self.realtime_key, initial_backoff_s=0.05, max_backoff_s=0.2, join_timeout_s=2
         )
@@ -172,19 +174,15 @@ def test_a_claim_whose_reply_is_lost_loses_no_job_and_runs_none_twice(
         running_worker(brokers[0], threads=2, prefetch=4, queues={"default"}),
         running_worker(brokers[1], threads=2, prefetch=4, queues={"default"}),
     ):
-        # Then the lease rescue returns the lost claim's jobs, and every job completes
+        # Then it asks again with the same claim token and gets the jobs the lost reply held: every job
+        # completes, with no rescue and no retry
         rows = wait_for_all(db, ids, "completed", SETTLE_TIMEOUT_S)
 
     # ... each run exactly once, by one worker or the other
     ran = [key for a in actors for key in a.runs.keys("record")]
     assert sorted(ran) == sorted(f"job-{i}" for i in range(6))
-    # ... those of the lost claim with the retry the rescue counted for them: four, or two when the other
-    # worker's claim, arriving second, reached the database first
-    rescued = [row for row in rows if row["retry_count"] == 1]
-    assert len(rescued) in (2, 4)
-    assert all(row["retry_count"] == 0 for row in rows if row not in rescued)
-    assert all("lease expired" in row["error_message"] for row in rescued)
-    assert endpoint.calls["requeue_expired_leases"] >= 1
+    assert all((row["retry_count"], row["rescue_count"]) == (0, 0) for row in rows)
+    assert endpoint.calls["claim_jobs"] >= 3
 
 
 def test_claims_answered_with_503_or_too_late_are_retried(
@@ -198,14 +196,14 @@ def test_claims_answered_with_503_or_too_late_are_retried(
     endpoint.faults.delay(LATE_REPLY_S, fn="claim_jobs")
 
     with running_worker(broker, threads=2, prefetch=4, queues={"default"}):
-        # Then the worker claims again (Dramatiq restarts a consumer that lost its connection), the lease
-        # rescue returns what the late claim took, and every job completes
+        # Then the worker claims again with the same claim token (the consumer keeps running), gets what the
+        # late claim took, and every job completes
         rows = wait_for_all(db, ids, "completed", SETTLE_TIMEOUT_S)
 
     assert sorted(actors.runs.keys("record")) == sorted(f"job-{i}" for i in range(8))
     assert endpoint.calls["claim_jobs"] >= 3
-    # The four jobs of the claim that timed out, each run once, with the rescue's retry counted
-    assert sorted(row["retry_count"] for row in rows) == [0] * 4 + [1] * 4
+    # Each run once, with no retry and no rescue spent on the lost replies
+    assert all((row["retry_count"], row["rescue_count"]) == (0, 0) for row in rows)
 
 
 def test_acks_retries_and_dead_letters_answered_with_503_or_too_late_are_retried(
@@ -253,16 +251,16 @@ def test_a_running_job_keeps_its_lease_through_a_503(
 
     with running_worker(broker, threads=1, queues={"default"}):
         wait_until(lambda: actors.runs.of("slow", "started"), TIMEOUT_S, "the job to start")
-        # Given the next lease extension is answered with a 503
-        endpoint.faults.fail(status=503, fn="extend_leases")
+        # Given the next heartbeat (which extends the lease) is answered with 503s, its repeat too
+        endpoint.faults.fail(status=503, fn="worker_heartbeat", times=2)
         held_until = job(db, message.message_id)["lease_expires_at"]
-        extensions = endpoint.calls["extend_leases"]
+        extensions = endpoint.calls["worker_heartbeat"]
 
         # Then one after it extends the lease (no extension after this read can come before the failed
         # one), while the job still runs
         extended = wait_until(
             lambda: (
-                endpoint.calls["extend_leases"] >= extensions + 2
+                endpoint.calls["worker_heartbeat"] >= extensions + 3
                 and (row := job(db, message.message_id))["lease_expires_at"] > held_until
                 and row
             ),
@@ -283,19 +281,85 @@ def test_the_anon_key_gives_the_clear_startup_error(endpoint: PostgrestEndpoint)
     def settings_with(key: str) -> Any:
         return load_settings(supabase_url=endpoint.url, supabase_service_role_key=key, queue_transport="rest")
 
-    # The service role key builds a broker over REST, its schema checked
+    # The service role key builds a broker over REST without a call, and its start-up check passes
     broker = build_broker_from_settings(settings_with(endpoint.service_role_key))
     try:
         assert isinstance(broker.transport, RestTransport)
+        assert endpoint.calls["queue_ping"] == 0
+        broker.transport.check_schema()
     finally:
         broker.close()
     assert endpoint.calls["queue_ping"] == 1
 
-    # The anon key is refused at start-up, with what to do about it, and the key appears nowhere
+    # The anon key is refused by the start-up check, with what to do about it, and the key appears nowhere
+    anon = build_broker_from_settings(settings_with(endpoint.anon_key))
     with pytest.raises(QueueAccessDenied) as refused:
-        build_broker_from_settings(settings_with(endpoint.anon_key))
+        anon.transport.check_schema()
+    anon.close()
     message = str(refused.value)
     assert "Use the service role key (SUPABASE_SERVICE_ROLE_KEY), not the anon key" in message
     assert "queue_ping" in message
     assert endpoint.anon_key not in message
     assert endpoint.calls["queue_ping"] == 2
+
+
+def test_a_retry_refused_with_a_4xx_falls_back_to_a_plain_dead_letter_and_the_worker_goes_on(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker()
+    actors = declare_test_actors(broker)
+    # Given an endpoint that refuses the next retry with a 400 (as PostgREST does for text PostgreSQL refuses)
+    endpoint.faults.fail(status=400, fn="retry_job")
+    flaky = actors.flaky.send("refused", 1).message_id
+
+    with running_worker(broker, threads=1, queues={"default"}):
+        # Then the job is dead-lettered with a plain message instead of being left processing forever
+        row = wait_for_status(db, flaky, "failed", TIMEOUT_S)
+        after = actors.record.send("after").message_id
+        wait_for_status(db, after, "completed", TIMEOUT_S)
+
+    assert row["error_message"].startswith("RuntimeError: flaky refused failed attempt 1")
+    assert "the full error could not be stored" in row["error_message"]
+
+
+def test_a_job_nobody_can_settle_is_let_go_not_extended_forever(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker(lease_ms=SHORT_LEASE_MS)
+    actors = declare_test_actors(broker)
+    # Given an endpoint that refuses both the retry and the dead letter (a rotated key answers 401 to both)
+    endpoint.faults.fail(status=401, fn="retry_job")
+    endpoint.faults.fail(status=401, fn="dead_letter_job")
+    flaky = actors.flaky.send("stranded", 1).message_id
+
+    with running_worker(broker, threads=1, queues={"default"}):
+        # Then the worker lets it go: its lease runs out, the rescue returns it, and it runs again (once the
+        # key works) to completion; meanwhile the worker kept working
+        after = actors.record.send("after").message_id
+        wait_for_status(db, after, "completed", TIMEOUT_S)
+        row = wait_for_status(db, flaky, "completed", SETTLE_TIMEOUT_S)
+
+    # ... after its lease ran out once, then a retry (counted now that the queue accepts it), then success
+    assert (row["rescue_count"], row["retry_count"]) == (1, 1)
+    assert len(actors.runs.of("flaky", "started")) == 3
+
+
+def test_a_bad_row_whose_dead_letter_and_release_fail_is_not_kept_alive(
+    rest_broker: RestBrokerFactory, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    broker = rest_broker(lease_ms=SHORT_LEASE_MS)
+    actors = declare_test_actors(broker)
+    # Given a batch with a row that does not decode, and an endpoint that fails dead letters and releases
+    bad = insert_job(db, args={"not": "an array"})
+    good = [actors.record.send(f"good-{i}").message_id for i in range(3)]
+    endpoint.faults.fail(status=503, fn="dead_letter_job", times=2)
+    endpoint.faults.fail(status=503, fn="release_jobs", times=2)
+
+    with running_worker(broker, threads=2, prefetch=4, queues={"default"}):
+        # Then the good jobs run, and the bad row is never held: its lease is not extended, it comes back
+        # when the lease runs out, and is dead-lettered then
+        wait_for_all(db, good, "completed", TIMEOUT_S)
+        row = wait_for_status(db, bad, "failed", SETTLE_TIMEOUT_S)
+
+    assert "payload does not decode: args must be a JSON array" in row["error_message"]
+    assert row["rescue_count"] == 1

@@ -59,43 +59,37 @@ def test_prefetched_jobs_go_back_to_pending_on_shutdown(
     assert [run.key for run in actors.runs.of("slow", "started")] == [running.key]
 
 
-def test_a_job_still_running_at_the_stop_deadline_is_released_by_close(
+def test_a_job_still_running_at_the_stop_deadline_is_stopped_before_it_goes_back(
     broker: SupabaseBroker, actors: SimpleNamespace, settlements: Settlements, db: Db
 ) -> None:
     # Given a job that is still running when the worker's stop deadline passes
-    message = actors.slow.send("overdue", 2 * SLOW_JOB_MS)
+    message = actors.slow.send("overdue", 20 * SLOW_JOB_MS)
     with running_worker(broker, threads=1, stop_timeout_ms=100):
         wait_until(lambda: actors.runs.of("slow", "started"), SETTLE_TIMEOUT_S, "the job to start")
 
-    # When the broker closes, then the job goes back to pending, no retry counted, for another worker to run
+    # When the broker closes
     broker.close()
+
+    # Then its run was stopped first (it never finished), and only then did the job go back to pending,
+    # no retry counted, for another worker to run: never claimable while its thread still runs it
+    assert settlements.wait_settled(message.message_id, ACK_AFTER_RUN_TIMEOUT_S) == "nack"
+    assert actors.runs.of("slow", "finished") == []
     row = job(db, message.message_id)
-    assert (row["status"], row["retry_count"], row["claim_token"]) == ("pending", 0, None)
+    assert (row["status"], row["retry_count"], row["rescue_count"], row["claim_token"]) == (
+        "pending",
+        0,
+        0,
+        None,
+    )
 
-    # And when the abandoned run finishes after all, its ack is skipped: the job stays pending
-    wait_until(lambda: actors.runs.of("slow", "finished"), SETTLE_TIMEOUT_S, "the abandoned run to finish")
-    assert settlements.wait_settled(message.message_id, ACK_AFTER_RUN_TIMEOUT_S) == "ack"
-    assert job(db, message.message_id)["status"] == "pending"
 
-
-@pytest.mark.parametrize(
-    ("options", "settled_as"),
-    [({}, "ack"), ({"max_retries": 1}, "ack"), ({"max_retries": 0}, "nack")],
-    ids=["complete", "retry", "dead-letter"],
-)
-def test_a_job_whose_claim_was_taken_over_is_not_settled_by_the_late_worker(
-    broker: SupabaseBroker,
-    actors: SimpleNamespace,
-    settlements: Settlements,
-    db: Db,
-    options: dict[str, int],
-    settled_as: str,
+def test_a_job_whose_claim_was_taken_over_is_stopped_and_never_settled_by_the_late_worker(
+    broker: SupabaseBroker, actors: SimpleNamespace, settlements: Settlements, db: Db
 ) -> None:
-    fail = bool(options)
-    message = actors.slow.send_with_options(args=("taken", SLOW_JOB_MS, fail), **options)
+    message = actors.slow.send("taken", 20 * SLOW_JOB_MS)
 
     with running_worker(broker, threads=1):
-        # Given a running job whose lease another holder took over (as a lease rescue would)
+        # Given a running job whose claim another holder took over (as a rescue would)
         wait_until(lambda: actors.runs.of("slow", "started"), SETTLE_TIMEOUT_S, "the job to start")
         taken = db.execute(
             "update public.coding_jobs set claim_token = gen_random_uuid(), locked_by = 'another-worker',"
@@ -105,11 +99,52 @@ def test_a_job_whose_claim_was_taken_over_is_not_settled_by_the_late_worker(
         ).fetchone()
         assert taken is not None
 
-        # When the first worker finishes it and completes, retries or dead-letters it
-        assert settlements.wait_settled(message.message_id, SETTLE_TIMEOUT_S) == settled_as
-    broker.close()  # acks may be sent in the background: closing sends what is left
+        # When the worker's next heartbeat learns it no longer holds it, then it stops the run at once,
+        # long before the run would have ended
+        assert settlements.wait_settled(message.message_id, SETTLE_TIMEOUT_S) == "nack"
+        assert actors.runs.of("slow", "finished") == []
+    broker.close()
 
-    # Then its late call was fenced off: the row is still the new holder's, untouched
+    # And the row is still the new holder's, untouched
+    row = job(db, message.message_id)
+    assert (row["status"], row["locked_by"], row["claim_token"]) == (
+        "processing",
+        "another-worker",
+        taken["claim_token"],
+    )
+    assert (row["retry_count"], row["error_message"], row["completed_at"]) == (0, None, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "settled_as"),
+    [({}, "ack"), ({"max_retries": 1}, "ack"), ({"max_retries": 0}, "nack")],
+    ids=["complete", "retry", "dead-letter"],
+)
+def test_a_late_settle_of_a_job_taken_over_is_fenced(
+    broker: SupabaseBroker,
+    actors: SimpleNamespace,
+    settlements: Settlements,
+    db: Db,
+    options: dict[str, int],
+    settled_as: str,
+) -> None:
+    fail = bool(options)
+    # A job that ends between two heartbeats: the worker settles it before it learns the claim was taken
+    message = actors.slow.send_with_options(args=("taken", SLOW_JOB_MS // 5, fail), **options)
+
+    with running_worker(broker, threads=1):
+        wait_until(lambda: actors.runs.of("slow", "started"), SETTLE_TIMEOUT_S, "the job to start")
+        taken = db.execute(
+            "update public.coding_jobs set claim_token = gen_random_uuid(), locked_by = 'another-worker',"
+            " lease_expires_at = now() + interval '1 minute' where id = %s and status = 'processing'"
+            " returning claim_token",
+            (message.message_id,),
+        ).fetchone()
+        assert taken is not None
+        settled = settlements.wait_settled(message.message_id, SETTLE_TIMEOUT_S)
+        assert settled in (settled_as, "nack")  # "nack" when a heartbeat stopped it first
+    broker.close()
+
     row = job(db, message.message_id)
     assert (row["status"], row["locked_by"], row["claim_token"]) == (
         "processing",

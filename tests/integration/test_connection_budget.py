@@ -16,7 +16,7 @@ from broker.postgres import PostgresTransport
 from health.runtime import build_runtime
 from service.budget import HEALTH_POOL_SIZE, MULTI_THREAD_WORKER_POOL, SINGLE_THREAD_WORKER_POOL
 from service.settings import load_settings
-from service.wiring import HEALTH_APPLICATION_NAME, build_transport
+from service.transports import HEALTH_APPLICATION_NAME, build_transport
 from tests.support.brokers import Db
 
 #: Probe threads, and requests each makes, while the connections are counted.

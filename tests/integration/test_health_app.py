@@ -488,6 +488,25 @@ def test_the_monitor_logs_counts_oldest_pending_and_rate(
     assert "2 pending" in lines[1]["message"]
 
 
+def test_a_queue_with_pending_jobs_and_no_consumer_is_reported(
+    db: Rows, run_dir: Path, pg_transport: PostgresTransport, log_records: list[Record]
+) -> None:
+    # Given a worker that consumes "default", and jobs in "default" and in a queue nobody consumes (a typo)
+    db.execute("select public.register_worker('w1', 'heartbeat', 60000, 'h', 1, '{default}')")
+    insert_edge_jobs(db, 1)
+    db.execute("insert into public.coding_jobs (prompt, queue_name) values ('lost', 'defualt')")
+
+    # Then the monitor warns about that queue, by name, and /metrics shows it with no consumer
+    summary = QueueMonitor(StatsCache(pg_transport, 0), interval_ms=30_000).log_once()
+    assert summary is not None and summary.unconsumed == ("defualt",)
+    [warning] = [
+        r for r in log_records if r["level"].name == "WARNING" and "no worker consumes" in r["message"]
+    ]
+    assert "'defualt' has 1 pending job(s)" in warning["message"]
+    consumers = metrics(client_for(run_dir, pg_transport))["queue_consumers"]
+    assert consumers[(("queue", "defualt"),)] == 0 and consumers[(("queue", "default"),)] == 1
+
+
 def test_the_monitor_reports_an_unreachable_database(database_url: str, log_records: list[Record]) -> None:
     transport = OutageTransport(database_url, pool_size=1)
     try:

@@ -9,11 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from broker.broker import SupabaseBroker
-from health.heartbeat import Heartbeat
 from health.liveness import assess
 from health.run_folder import WorkerBeat, beat_path, read_beats, write_beat
 from service.settings import load_settings
 from tests.support.brokers import running_worker, wait_until
+from worker.heartbeat import Heartbeat
 
 #: Seconds to wait for the worker to run the test's jobs.
 JOBS_S = 20.0

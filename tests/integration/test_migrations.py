@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,8 +159,10 @@ def test_a_failing_migration_leaves_the_previous_version(empty_database: str, tm
     assert tables == ("good", None)
 
 
-def run_migrate_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url, "APP_ENV": "development"}
+def run_migrate_cli(
+    database_url: str, *args: str, app_env: str = "development"
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, "APP_ENV": app_env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     for name in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "QUEUE_TRANSPORT"):
         env.pop(name, None)
@@ -207,6 +210,57 @@ def test_cli_reports_an_unreachable_database_without_its_password() -> None:
     assert "Could not apply migrations to database queue on 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_cli_on_plain_postgresql_says_to_bootstrap_first(empty_database: str) -> None:
+    # Given plain PostgreSQL: no auth schema in the database
+    result = run_migrate_cli(empty_database)
+
+    # Then it refuses before applying anything, in one line that says what to run instead
+    assert result.returncode == 2, result.stderr
+    assert "plain PostgreSQL" in result.stderr
+    assert "python -m service.migrate --bootstrap" in result.stderr
+    assert "Traceback" not in result.stderr
+    with psycopg.connect(empty_database) as conn:
+        assert conn.execute("select to_regclass('public.coding_jobs')").fetchone() == (None,)
+
+
+def test_cli_lines_are_json_in_production(empty_database: str) -> None:
+    result = run_migrate_cli(empty_database, "--bootstrap", app_env="production")
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any("Applied" in line["message"] for line in lines)
+    assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
+
+
+def test_bootstrap_leaves_a_supabase_project_alone(empty_database: str) -> None:
+    # Given a database with Supabase's own auth schema (auth.users) and its own auth.uid()
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(SUPABASE_AUTH_STAND_IN)
+        before = conn.execute("select md5(pg_get_functiondef('auth.uid()'::regprocedure))").fetchone()
+
+    # When the migrations are applied with --bootstrap, as `dev.py run` and compose do
+    result = run_migrate_cli(empty_database, "--bootstrap")
+
+    # Then the queue is migrated, Supabase's auth.uid() is untouched, and the output says why
+    assert result.returncode == 0, result.stderr
+    assert "Supabase project" in result.stderr
+    with psycopg.connect(empty_database) as conn:
+        after = conn.execute("select md5(pg_get_functiondef('auth.uid()'::regprocedure))").fetchone()
+        assert conn.execute("select to_regclass('public.coding_jobs')::text").fetchone() == ("coding_jobs",)
+    assert after == before
+
+
+#: What the migrations need of a Supabase project's auth schema, written as Supabase writes it.
+SUPABASE_AUTH_STAND_IN = """
+create schema auth;
+create table auth.users (id uuid primary key);
+create function auth.uid() returns uuid language sql stable as $$
+  select nullif(current_setting('request.jwt.claim.sub', true), '')::uuid
+$$;
+grant usage on schema auth to anon, authenticated, service_role;
+"""
 
 
 # -- issue 10, item 10: nothing outside our own objects ----------------------------------------------------

@@ -7,6 +7,7 @@ the pooler keeps, through the pooler (tests/support/pgbouncer.py).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -19,8 +20,8 @@ from broker.errors import ConnectionClosed
 from broker.function_pool import FunctionPool
 from broker.polling import PollingDoorbell
 from broker.pooling import detect_session_semantics, listen_delivers, ring_from
-from broker.postgres import PostgresTransport
-from broker.transport import Claim, NewJob
+from broker.postgres import HEARTBEAT_PRESENCE, PostgresTransport
+from broker.transport import Claim, NewJob, WorkerInfo
 from health.readiness import ReadinessProbe
 from service.migrate import apply_migrations
 from tests.support.actors import declare_test_actors
@@ -126,17 +127,26 @@ def test_queue_calls_through_a_transaction_pooler_leave_no_prepared_statements(
     # Given two workers on one transaction pooler, and no pooler setting
     url = transaction_pooler.url(database_url)
     workers = [PostgresTransport(url, pool_size=2) for _ in range(2)]
+    infos = [
+        WorkerInfo(worker_id=f"worker-{n}", hostname="test", pid=os.getpid(), queues=("default",))
+        for n in range(2)
+    ]
     try:
+        for worker, info in zip(workers, infos, strict=True):
+            worker.register_worker(info, HEARTBEAT_PRESENCE)
         # When they take turns calling the queue, each call often enough to be worth preparing
         for _ in range(CALL_ROUNDS):
-            for worker in workers:
+            for worker, info in zip(workers, infos, strict=True):
                 worker.enqueue([a_job()])
-                claimed = worker.claim("worker", "default", 1, 60_000)
+                claimed = worker.claim(info.worker_id, "default", 1, 60_000, str(uuid.uuid4()))
                 claims = [Claim(job.id, job.claim_token) for job in claimed]
-                assert worker.extend_leases(claims, 60_000) == {c.job_id for c in claims}
+                reply = worker.heartbeat(
+                    info.worker_id, claims, lease_ms=60_000, queues=info.queues, max_rescues=5
+                )
+                assert reply.held == {c.job_id for c in claims}
                 assert worker.complete_many(claims) == {c.job_id for c in claims}
                 assert worker.release(claims) == 0
-                worker.requeue_expired_leases()
+                worker.rescue(5)
                 worker.stats()
     finally:
         for worker in workers:
@@ -257,7 +267,7 @@ def test_a_call_waiting_for_a_full_pooler_gives_up_and_says_why(
 
                 # And the detection says so too instead of waiting for the pooler's own timeout
                 started = time.monotonic()
-                with pytest.raises(ConnectionClosed, match="ran nothing within"):
+                with pytest.raises(ConnectionClosed, match="answered nothing within"):
                     detect_session_semantics(url, timeout_s=1.5)
                 assert time.monotonic() - started < 5.0
             finally:

@@ -15,8 +15,9 @@ from psycopg import sql
 
 from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
 from broker.rest import RestTransport
-from broker.transport import Claim, ClaimedJob, NewJob
+from broker.transport import Claim, ClaimedJob, NewJob, PresencePolicy, Transport, WorkerInfo
 from service.settings import load_settings
+from service.transports import build_transport
 from tests.support.postgrest import PostgrestEndpoint, running_postgrest
 
 #: Seconds any wait in these tests may take.
@@ -48,6 +49,22 @@ def claim_of(job: ClaimedJob) -> Claim:
     return Claim(job.id, job.claim_token)
 
 
+#: A heartbeat worker as a test registers one: claims need a registered worker.
+TEST_PRESENCE = PresencePolicy(mode="heartbeat", heartbeat_interval_s=1.0, stale_after_ms=60_000)
+
+
+def claim(
+    transport: Transport, worker_id: str, limit: int, lease_ms: int, queue: str = "default"
+) -> list[ClaimedJob]:
+    """Register `worker_id` (again, harmlessly) and claim with a fresh claim token."""
+    transport.register_worker(WorkerInfo(worker_id, "test-host", 1, (queue,)), TEST_PRESENCE)
+    return transport.claim(worker_id, queue, limit, lease_ms, str(uuid.uuid4()))
+
+
+def complete(transport: Transport, held: Claim) -> bool:
+    return held.job_id in transport.complete_many([held])
+
+
 def row(db: Db, job_id: str) -> dict[str, Any]:
     found = db.execute("select * from public.coding_jobs where id = %s", (job_id,)).fetchone()
     assert found is not None
@@ -71,7 +88,7 @@ def test_claim_complete_round_trip_in_batches(
     assert transport.enqueue(jobs[:1]) == 0  # an id seen before is ignored
 
     # When one worker claims up to ten
-    claimed = transport.claim("worker-a", "default", 10, 60_000)
+    claimed = claim(transport, "worker-a", 10, 60_000)
 
     # Then one request brought all three, highest priority first, with their message fields
     assert endpoint.calls["claim_jobs"] == 1
@@ -79,11 +96,11 @@ def test_claim_complete_round_trip_in_batches(
     assert claimed[0].args == [1] and claimed[0].kwargs == {"k": "v"} and claimed[0].options == {"o": 1}
     assert claimed[0].created_at.tzinfo is not None
     assert row(db, claimed[0].id)["locked_by"] == "worker-a"
-    assert transport.claim("worker-b", "default", 10, 60_000) == []
+    assert claim(transport, "worker-b", 10, 60_000) == []
 
     # And completing each is fenced by its claim token
-    assert all(transport.complete(claim_of(job)) for job in claimed)
-    assert transport.complete(claim_of(claimed[0])) is True  # idempotent per claim: a lost reply is harmless
+    assert all(complete(transport, claim_of(job)) for job in claimed)
+    assert complete(transport, claim_of(claimed[0])) is True  # idempotent per claim: a lost reply is harmless
     completed = db.execute(
         "select count(*) as n from public.coding_jobs where status = 'completed'"
     ).fetchone()
@@ -92,13 +109,16 @@ def test_claim_complete_round_trip_in_batches(
 
 def test_retry_dead_letter_release_extend_purge_and_stats(transport: RestTransport, db: Db) -> None:
     transport.enqueue([new_job() for _ in range(4)])
-    retried, dead, released, kept = transport.claim("worker-a", "default", 4, 60_000)
+    retried, dead, released, kept = claim(transport, "worker-a", 4, 60_000)
 
     assert transport.retry(claim_of(retried), 60_000, "boom", {"retries": 1}) is True
     assert transport.dead_letter(claim_of(dead), "gave up") is True
-    assert transport.extend_leases([claim_of(kept), claim_of(dead)], 120_000) == {kept.id}
+    beat = transport.heartbeat(
+        "worker-a", [claim_of(kept), claim_of(dead)], lease_ms=120_000, queues=["default"], max_rescues=5
+    )
+    assert beat.registered and beat.held == {kept.id}
     assert transport.release([claim_of(released), claim_of(dead)]) == 1
-    assert transport.release([]) == 0 and transport.extend_leases([], 1000) == set()
+    assert transport.release([]) == 0
 
     after_retry = row(db, retried.id)
     assert (after_retry["status"], after_retry["retry_count"], after_retry["error_message"]) == (
@@ -123,9 +143,9 @@ def test_requests_per_job_stay_batched_under_concurrent_workers(transport: RestT
 
     def work() -> None:
         try:
-            while jobs := transport.claim(f"worker-{threading.get_ident()}", "default", 10, 60_000):
+            while jobs := claim(transport, f"worker-{threading.get_ident()}", 10, 60_000):
                 for job in jobs:
-                    assert transport.complete(claim_of(job))
+                    assert complete(transport, claim_of(job))
                     runs.append(job.id)
         except BaseException as exc:
             errors.append(exc)
@@ -150,7 +170,7 @@ def test_the_anon_key_and_a_foreign_key_are_refused(endpoint: PostgrestEndpoint)
     forged = RestTransport(endpoint.url, forged_key, realtime=False)
     try:
         for transport, key in ((anon, endpoint.anon_key), (forged, forged_key)):
-            for call in (transport.check_schema, lambda t=transport: t.claim("w", "default", 1, 1000)):
+            for call in (transport.check_schema, lambda t=transport: claim(t, "w", 1, 1000)):
                 with pytest.raises(QueueAccessDenied) as refused:
                     call()
                 assert "service role key" in str(refused.value)
@@ -160,62 +180,85 @@ def test_the_anon_key_and_a_foreign_key_are_refused(endpoint: PostgrestEndpoint)
         forged.close()
 
 
-def test_a_lost_claim_reply_loses_nothing_and_never_runs_a_job_twice_at_once(
+def test_a_lost_claim_reply_is_claimed_again_with_the_same_token_and_nothing_more(
     transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
 ) -> None:
-    # Given a job, and an endpoint that commits the next claim and then drops the connection
-    [job] = [new_job(max_retries=3)]
-    transport.enqueue([job])
+    # Given two jobs, and an endpoint that commits the next claim and then drops the connection
+    first, second = new_job(priority=5), new_job()
+    transport.enqueue([first, second])
     endpoint.faults.drop_after_commit(fn="claim_jobs")
 
-    # When a worker claims it, the reply never arrives
+    # When a worker claims one, the reply never arrives, and the transport asks again with the same token
+    [claimed] = claim(transport, "worker-a", 1, 60_000)
+
+    # Then the repeat answered the job the first call claimed, and claimed nothing more
+    assert endpoint.calls["claim_jobs"] == 2
+    assert claimed.id == first.id
+    assert row(db, second.id)["status"] == "pending"
+    assert complete(transport, claim_of(claimed)) is True
+
+
+def test_a_claim_whose_replies_are_all_lost_comes_back_by_its_lease_without_spending_a_retry(
+    transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
+) -> None:
+    # Given a job with no retries left, and an endpoint that drops both the claim's replies
+    [job] = [new_job(max_retries=0)]
+    transport.enqueue([job])
+    endpoint.faults.drop_after_commit(fn="claim_jobs", times=2)
     with pytest.raises(ConnectionClosed):
-        transport.claim("worker-a", "default", 10, SHORT_LEASE_MS)
+        claim(transport, "worker-a", 10, SHORT_LEASE_MS)
 
     # Then the job is held by its lease, and no other worker can take it meanwhile
     held = row(db, job.id)
     assert held["status"] == "processing" and held["locked_by"] == "worker-a"
-    assert transport.claim("worker-b", "default", 10, 60_000) == []
+    assert claim(transport, "worker-b", 10, 60_000) == []
 
-    # When the lease expires, the rescue returns it to the queue with a retry counted
+    # When the lease expires, the rescue returns it to the queue counting a rescue, not a retry: a job that
+    # never failed is not dead-lettered because infrastructure lost it
     wait_until_lease_expired(db, job.id)
-    assert transport.requeue_expired_leases("default") == 1
+    assert transport.rescue(max_rescues=5) == 1
     requeued = row(db, job.id)
-    assert (requeued["status"], requeued["retry_count"], requeued["claim_token"]) == ("pending", 1, None)
+    assert (requeued["status"], requeued["claim_token"]) == ("pending", None)
+    assert (requeued["retry_count"], requeued["rescue_count"]) == (0, 1)
 
     # Then another worker runs it, and the lost claim's token can no longer change it
-    [again] = transport.claim("worker-b", "default", 10, 60_000)
+    [again] = claim(transport, "worker-b", 10, 60_000)
     assert again.id == job.id
     lost_claim = Claim(job.id, str(held["claim_token"]))
-    assert transport.complete(lost_claim) is False
+    assert complete(transport, lost_claim) is False
     assert transport.retry(lost_claim, 0, "late", {}) is False
-    assert transport.complete(claim_of(again)) is True
+    assert complete(transport, claim_of(again)) is True
 
 
-def test_an_expired_lease_with_no_retries_left_is_dead_lettered(transport: RestTransport, db: Db) -> None:
-    transport.enqueue([new_job(max_retries=0)])
-    [job] = transport.claim("worker-a", "default", 1, SHORT_LEASE_MS)
-    wait_until_lease_expired(db, job.id)
+def test_a_job_that_keeps_losing_its_worker_is_dead_lettered_as_a_poison_pill(
+    transport: RestTransport, db: Db
+) -> None:
+    transport.enqueue([new_job()])
+    for rescues in (1, 2):
+        [job] = claim(transport, "worker-a", 1, SHORT_LEASE_MS)
+        wait_until_lease_expired(db, job.id)
+        assert transport.rescue(max_rescues=2) == 1
+        after = row(db, job.id)
+        assert after["rescue_count"] == rescues
 
-    assert transport.requeue_expired_leases() == 1
-    dead = row(db, job.id)
-    assert dead["status"] == "failed" and "lease expired" in dead["error_message"]
-    assert transport.complete(claim_of(job)) is False
+    assert (after["status"], after["retry_count"]) == ("failed", 0)
+    assert "2 times" in after["error_message"] and "keeps killing its worker" in after["error_message"]
+    assert complete(transport, claim_of(job)) is False
 
 
 def test_503s_become_connection_closed_and_the_retry_succeeds(
     transport: RestTransport, endpoint: PostgrestEndpoint, db: Db
 ) -> None:
     transport.enqueue([new_job()])
-    [job] = transport.claim("worker-a", "default", 1, 60_000)
-    endpoint.faults.fail(status=503, fn="complete_jobs", times=2)
+    [job] = claim(transport, "worker-a", 1, 60_000)
+    endpoint.faults.fail(status=503, fn="complete_jobs", times=4)
 
-    for _ in range(2):
+    for _ in range(2):  # each call is tried twice
         with pytest.raises(ConnectionClosed, match="503"):
-            transport.complete(claim_of(job))
+            complete(transport, claim_of(job))
     assert row(db, job.id)["status"] == "processing"  # the 503s never reached the database
 
-    assert transport.complete(claim_of(job)) is True  # what Dramatiq's retry of the ack does
+    assert complete(transport, claim_of(job)) is True  # what Dramatiq's retry of the ack does
 
 
 def test_a_late_reply_times_out_with_the_fractional_timeout(endpoint: PostgrestEndpoint, db: Db) -> None:
@@ -223,16 +266,16 @@ def test_a_late_reply_times_out_with_the_fractional_timeout(endpoint: PostgrestE
     rest = RestTransport(endpoint.url, endpoint.service_role_key, timeout_s=0.5, realtime=False)
     try:
         rest.enqueue([new_job()])
-        [job] = rest.claim("worker-a", "default", 1, 60_000)
-        endpoint.faults.delay(2.0, fn="complete_jobs")
+        [job] = claim(rest, "worker-a", 1, 60_000)
+        endpoint.faults.delay(2.0, fn="complete_jobs", times=2)
 
         # When the endpoint commits the ack but answers after 2 s
         started = time.monotonic()
         with pytest.raises(ConnectionClosed, match="ReadTimeout"):
-            rest.complete(claim_of(job))
+            complete(rest, claim_of(job))
 
-        # Then the call gave up after about half a second, and the ack itself was not lost
-        assert 0.4 < time.monotonic() - started < 1.5
+        # Then each of its two tries gave up after about half a second, and the ack itself was not lost
+        assert 0.8 < time.monotonic() - started < 2.5
         assert row(db, job.id)["status"] == "completed"
     finally:
         rest.close()
@@ -264,17 +307,19 @@ def test_ping_has_its_own_timeout(transport: RestTransport, endpoint: PostgrestE
 
 def test_missing_functions_give_the_startup_error(transport: RestTransport, db: Db) -> None:
     db.execute("drop function public.queue_ping()")
-    db.execute("alter function public.claim_jobs(text, text, integer, integer) rename to claim_jobs_old")
+    db.execute(
+        "alter function public.claim_jobs(text, text, integer, integer, uuid) rename to claim_jobs_old"
+    )
 
     with pytest.raises(QueueSchemaMissing, match=r"queue_ping.*PGRST202.*Apply the migrations"):
         transport.check_schema()
     with pytest.raises(QueueSchemaMissing, match="claim_jobs"):
-        transport.claim("worker-a", "default", 1, 1000)
+        transport.claim("worker-a", "default", 1, 1000, str(uuid.uuid4()))
 
 
 def test_other_database_errors_are_queue_errors(transport: RestTransport) -> None:
     with pytest.raises(QueueError, match="22P02") as failed:
-        transport.complete(Claim("not-a-uuid", str(uuid.uuid4())))
+        complete(transport, Claim("not-a-uuid", str(uuid.uuid4())))
     assert not isinstance(failed.value, QueueAccessDenied | QueueSchemaMissing)
 
 
@@ -309,10 +354,29 @@ def test_built_from_settings(endpoint: PostgrestEndpoint) -> None:
         queue_transport="rest",
         max_concurrent_jobs=3,
     )
-    rest = RestTransport.from_settings(settings)
+    rest = build_transport(settings)
+    assert isinstance(rest, RestTransport)
     try:
         rest.check_schema()
         assert rest.doorbell() is not None
         assert endpoint.service_role_key not in repr(vars(rest))
     finally:
         rest.close()
+
+
+def test_over_rest_no_settling_function_settles_a_held_job_without_its_claim_token(
+    transport: RestTransport, db: Db
+) -> None:
+    # Given a job a worker holds
+    transport.enqueue([new_job()])
+    [held] = claim(transport, "worker-a", 1, 60_000)
+
+    # Then the RPCs that settle by id alone refuse it: the fence has no NULL-token hole over HTTP either
+    assert transport._rpc("complete_job", {"job_id": held.id}) is False
+    assert transport._rpc("fail_job", {"job_id": held.id, "error_msg": "x"}) is None
+    assert (
+        transport._rpc("dead_letter_job", {"job_id": held.id, "p_claim_token": None, "error_msg": "x"})
+        is False
+    )
+    assert row(db, held.id)["status"] == "processing"
+    assert complete(transport, claim_of(held)) is True

@@ -64,6 +64,7 @@ def build_broker(
     lease_ms: int = 60_000,
     worker_id: str | None = None,
     claim_ahead: int | None = None,
+    **options: Any,
 ) -> SupabaseBroker:
     """A SupabaseBroker as `tasks` builds one, with the CurrentMessage middleware the test actors need."""
     broker = SupabaseBroker(
@@ -72,6 +73,7 @@ def build_broker(
         lease_ms=lease_ms,
         worker_id=worker_id,
         claim_ahead=claim_ahead,
+        **options,
     )
     broker.add_middleware(CurrentMessage())
     return broker

@@ -244,9 +244,24 @@ class WorkerProcesses:
         threads: int = 1,
         shutdown_timeout_ms: int = 10_000,
     ) -> CliProcess:
+        """The stock `dramatiq tasks` CLI with these flags; the settings agree with them unless `env` says
+        otherwise (a test of a flag that differs from its setting sets the setting in `env`)."""
         args = dramatiq_args(
             *modules, processes=processes, threads=threads, shutdown_timeout_ms=shutdown_timeout_ms
         )
+        matching = {
+            "WORKER_PROCESSES": str(processes),
+            "MAX_CONCURRENT_JOBS": str(threads),
+            "SHUTDOWN_TIMEOUT_MS": str(shutdown_timeout_ms),
+        }
+        return self._run(args, {**matching, **env})
+
+    def launch(self, env: Mapping[str, str], *extra: str) -> CliProcess:
+        """`python -m service.launch [extra]`: the container's command, with its flags from the settings."""
+        args = [sys.executable, "-m", "service.launch", *extra]
+        return self._run(args, {"PYTHONPATH": str(REPO_ROOT), **env})
+
+    def _run(self, args: list[str], env: Mapping[str, str]) -> CliProcess:
         # Heartbeat files go to a folder of this test's own, and the health server to a port of its own.
         own = {"RUN_DIR": str(self.cwd / "run"), "HEALTH_CHECK_PORT": str(free_port())}
         process = CliProcess(args, {**own, **env}, self.cwd)
@@ -318,7 +333,7 @@ def status_counts(conn: Rows) -> dict[str, int]:
 def job_rows(conn: Rows) -> dict[str, dict[str, Any]]:
     """Every row's id -> its state columns, with `lease_in_future` judged by the database's clock."""
     rows = conn.execute(
-        "select id::text as id, status::text as status, retry_count, error_message, locked_by,"
+        "select id::text as id, status::text as status, retry_count, rescue_count, error_message, locked_by,"
         " claim_token, lease_expires_at, completed_at, session_id::text as session_id,"
         " coalesce(lease_expires_at > now(), false) as lease_in_future"
         " from public.coding_jobs"

@@ -117,3 +117,33 @@ def test_a_heartbeat_file_round_trips_and_temporary_files_are_ignored(tmp_path: 
     assert read_beats(tmp_path) == [written]
     assert assess(tmp_path, 3.0, window_s=5.0).healthy
     assert not assess(tmp_path, 30.0, window_s=5.0).healthy
+
+
+def test_a_dead_or_wedged_background_thread_makes_the_worker_unhealthy_naming_it(tmp_path: Path) -> None:
+    def beat(threads: tuple[dict[str, object], ...]) -> WorkerBeat:
+        return WorkerBeat(
+            pid=os.getpid(),
+            worker_id="host:1:abc",
+            process_start=process_start(os.getpid()),
+            started_at=1.0,
+            heartbeat_at=100.0,
+            written_at=100.0,
+            state="running",
+            jobs_in_progress=0,
+            jobs_processed=0,
+            threads=threads,
+        )
+
+    fine = {"name": "queue-heartbeat", "alive": True, "last_tick": 99.0, "stale_after_s": 30.0, "restarts": 1}
+    write_beat(tmp_path, beat((fine,)))
+    assert assess(tmp_path, 100.0, window_s=5.0).healthy
+
+    dead = {**fine, "name": "queue-acks", "alive": False, "last_error": "RuntimeError: boom"}
+    write_beat(tmp_path, beat((fine, dead)))
+    [problem] = assess(tmp_path, 100.0, window_s=5.0).problems
+    assert "background thread queue-acks is dead (last error: RuntimeError: boom)" in problem
+
+    wedged = {**fine, "name": "queue-watchdog", "last_tick": 50.0, "stale_after_s": 10.0}
+    write_beat(tmp_path, beat((fine, wedged)))
+    [problem] = assess(tmp_path, 100.0, window_s=5.0).problems
+    assert "background thread queue-watchdog has not ticked for 50.0 s, over its 10.0 s window" in problem

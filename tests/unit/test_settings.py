@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from service.embedded_db import EmbeddedDatabaseUnavailable, start_embedded_postgres
 from service.errors import ConfigurationError
 from service.settings import AppEnv, LogLevel, TransportKind, load_settings
 
@@ -31,7 +33,7 @@ def test_defaults() -> None:
 
     assert settings.poll_interval_ms == 10_000
     assert settings.max_concurrent_jobs == 1
-    assert settings.shutdown_timeout_ms == 30_000
+    assert settings.shutdown_timeout_ms == 20_000
     assert settings.health_check_port == 8080
     assert settings.log_level is LogLevel.info
     assert settings.app_env is AppEnv.development
@@ -230,3 +232,55 @@ def test_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("POLL_INTERVAL_MS", "often")
 
     assert load_settings(poll_interval_ms=100).poll_interval_ms == 100
+
+
+def test_an_empty_value_in_the_environment_wins_over_the_env_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a .env with a database and a poll interval, and the same names set empty in the environment
+    (tmp_path / ".env").write_text(f"DATABASE_URL={DATABASE_URL}\nPOLL_INTERVAL_MS=5000\n")
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("POLL_INTERVAL_MS", "")
+
+    settings = load_settings()
+
+    # Then the environment wins, and empty means "not set": the defaults apply
+    assert settings.database_url is None
+    assert settings.poll_interval_ms == 10_000
+
+
+def test_an_empty_value_in_the_env_file_means_the_default(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SUPABASE_URL=\nQUEUE_TRANSPORT=\nRUN_DIR=\nPOLL_INTERVAL_MS=\n")
+
+    settings = load_settings()
+
+    assert settings.supabase_url is None
+    assert settings.queue_transport is None
+    assert settings.run_dir is None
+    assert settings.poll_interval_ms == 10_000
+
+
+def test_a_misspelt_setting_in_the_env_file_is_reported_with_the_likely_name(tmp_path: Path) -> None:
+    # Given a .env with a typo, beside a variable of another tool that shares the file
+    (tmp_path / ".env").write_text(
+        "POLL_INTERVL_MS=500\nmax_concurent_jobs=4\nNEXT_PUBLIC_SITE_URL=https://x\n"
+    )
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    # Then both typos are problems that name the setting meant; the other tool's variable is left alone
+    assert caught.value.problems == [
+        "POLL_INTERVL_MS (in .env): not a setting; did you mean POLL_INTERVAL_MS?",
+        "MAX_CONCURENT_JOBS (in .env): not a setting; did you mean MAX_CONCURRENT_JOBS?",
+    ]
+
+
+def test_without_pgserver_the_embedded_database_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Production images do not ship pgserver; asking them for the embedded database says what is missing.
+    monkeypatch.setitem(sys.modules, "pgserver", None)  # what `import pgserver` finds when it is absent
+
+    with pytest.raises(EmbeddedDatabaseUnavailable, match=r"supabase-queue-worker\[embedded\]"):
+        start_embedded_postgres(tmp_path / "postgres")

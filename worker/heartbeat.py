@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -27,6 +28,10 @@ class TickingBroker(Protocol):
     worker_id: str
     #: Epoch seconds of the last consumer iteration in this process.
     last_tick: float
+
+    def background_threads(self) -> list[Any]:
+        """The broker's supervised threads (dataclasses with name, alive, last_tick, ...)."""
+        ...
 
 
 class Heartbeat(Middleware):
@@ -126,6 +131,7 @@ class Heartbeat(Middleware):
                 jobs=snapshot.jobs,
                 duration_bounds_s=DURATION_BOUNDS_S,
                 master_pid=self._master_pid,
+                threads=tuple(dataclasses.asdict(status) for status in self.broker.background_threads()),
             ),
         )
 
