@@ -43,10 +43,11 @@ import psycopg
 from psycopg import sql
 
 from bench.environment import DEFAULT_ADMIN_URL
-from broker.broker import DEFAULT_POLL_INTERVAL_MS, SupabaseBroker
+from broker.broker import SupabaseBroker
+from broker.defaults import DEFAULT_POLL_INTERVAL_MS
 from broker.polling import BUSY_WINDOW_MS, IDLE_RING_MS, PollPolicy
 from broker.postgres import PostgresTransport
-from broker.transport import Doorbell
+from broker.transport import Doorbell, PresenceListener, WorkerInfo
 from service.budget import worker_pool_size
 from service.migrate import apply_migrations
 
@@ -87,7 +88,9 @@ class Result:
 class NoDoorbell(PostgresTransport):
     """The transport as it was before issue 12 in poll-only mode: no doorbell at all."""
 
-    def doorbell(self) -> Doorbell | None:
+    def doorbell(
+        self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
+    ) -> Doorbell | None:
         return None
 
 
