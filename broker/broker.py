@@ -193,6 +193,17 @@ class SupabaseBroker(dramatiq.Broker):
         if self._doorbell is not None:
             self._doorbell.stop()
         self.transport.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        """Tell the middleware that has an `after_broker_close` hook (Dramatiq has no such signal)."""
+        for middleware in self.middleware:
+            hook = getattr(middleware, "after_broker_close", None)
+            if hook is not None:
+                try:
+                    hook(self)
+                except Exception:
+                    self.logger.exception("after_broker_close of %r failed", middleware)
 
     # -- what the consumers and the health check ask ------------------------------------------------------
     def may_claim(self) -> bool:

@@ -40,3 +40,23 @@ def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
 
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         yield conn
+
+
+@pytest.fixture
+def cluster_lock(database_server: DatabaseServer) -> Iterator[None]:
+    """For tests that apply migrations or change role settings: never at once with another test process's."""
+    with database_server.cluster_lock():
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """Reports whose captured output holds a lone surrogate (tests of unstorable error text log some) are
+    escaped: pytest-xdist's workers send reports as UTF-8 and would crash on it."""
+    report: pytest.TestReport = yield
+    report.sections = [(title, _utf8_safe(content)) for title, content in report.sections]
+    return report
+
+
+def _utf8_safe(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

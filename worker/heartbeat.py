@@ -76,7 +76,12 @@ class Heartbeat(Middleware):
         self._stopping = True
         self.beat()
 
-    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+    def after_broker_close(self, broker: Broker) -> None:
+        """The broker has handed back its jobs and left the queue: the process is done; so is its file.
+
+        Not at after_worker_shutdown: the broker's close (flushing acks, handing back jobs, leaving the
+        registry) comes after it, and the health server must count this process alive until it is gone.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)

@@ -27,7 +27,7 @@ import pytest
 from tests.support.databases import DatabaseServer
 from tests.support.processes import REPO_ROOT, CliProcess, free_port, insert_edge_jobs, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cluster_lock")]
 
 DOCUMENTS = ("README.md", "WORKER_SERVICE.md")
 SHELL = frozenset({"sh", "bash", "shell"})

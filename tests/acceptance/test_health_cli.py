@@ -405,7 +405,8 @@ def test_a_database_outage_fails_readiness_but_not_liveness(
         return body if status == 503 else None
 
     body = wait_for(not_ready, 10, "/ready 503")
-    assert "unreachable" in body["reason"]
+    # (gone at once, or, on a loaded machine, not answering within the readiness timeout)
+    assert "unreachable" in body["reason"] or "did not answer within" in body["reason"]
     assert "postgresql://" not in json.dumps(body)
     # while /health stays 200 all along: restarting the worker would not bring the database back
     watched_until = time.monotonic() + OUTAGE_WATCH_S

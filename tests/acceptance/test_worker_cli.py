@@ -92,7 +92,8 @@ def test_every_job_runs_exactly_once_across_worker_processes(
     db: Rows, database_url: str, workers: WorkerProcesses
 ) -> None:
     # Given three worker processes of two threads each, with the test actors, all ready
-    env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=20)
+    # Coding jobs of 200 ms: the work lasts seconds, so each process gets a share even on a loaded machine
+    env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=200)
     cli = workers.start(env, TEST_ACTORS, processes=3, threads=2)
     cli.wait_for_lines(r"Worker process is ready for action", 3, BOOT_S)
     # (ready for action, and registered: a worker claims only once the queue knows it)

@@ -93,5 +93,7 @@ def test_a_worker_beats_counts_its_jobs_and_cleans_up(
             lambda: read_beats(run_dir)[0].heartbeat_at > last.heartbeat_at + 1, 5.0, "a later consumer tick"
         )
 
-    # Then a clean stop removes the file
+    # Then a clean stop, once the broker has closed (jobs handed back, registry left), removes the file
+    assert len(read_beats(run_dir)) == 1
+    broker.close()
     assert read_beats(run_dir) == []

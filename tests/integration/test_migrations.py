@@ -19,6 +19,9 @@ from psycopg import sql
 from service.migrate import SUPABASE_DIR, MigrationError, apply_migrations
 from tests.support.databases import DatabaseServer
 
+#: Migrations change role settings, which are the whole server's: never at once with another test process.
+pytestmark = pytest.mark.usefixtures("cluster_lock")
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: seconds a `python -m service.migrate` subprocess may take
 CLI_TIMEOUT_S = 60

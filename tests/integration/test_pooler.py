@@ -197,6 +197,7 @@ def test_readiness_probes_leave_no_statement_timeout_in_the_pool(
 
 
 # -- finding 3: migrations ------------------------------------------------------------------------------
+@pytest.mark.usefixtures("cluster_lock")
 def test_migrate_through_a_transaction_pooler_leaves_no_advisory_lock(
     transaction_pooler: PgBouncer, database_server: DatabaseServer
 ) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -46,7 +50,22 @@ class DatabaseServer:
 
     def create_template(self) -> None:
         self.drop(self.template_name)
-        apply_migrations(self.create_database(self.template_name), bootstrap=True)
+        with self.cluster_lock():
+            apply_migrations(self.create_database(self.template_name), bootstrap=True)
+
+    @contextmanager
+    def cluster_lock(self) -> Iterator[None]:
+        """Held while migrations run: they change role settings, which are the whole server's, and two test
+        processes (pytest-xdist workers) doing that at once collide on pg_db_role_setting."""
+        info = psycopg.conninfo.conninfo_to_dict(self.admin_url)
+        key = f"{info.get('host') or 'local'}-{info.get('port') or 5432}".replace("/", "_")
+        path = Path(tempfile.gettempdir()) / f"queue-tests-cluster-{key}.lock"
+        with path.open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def clone_template(self, name: str) -> str:
         with self._admin() as conn:
