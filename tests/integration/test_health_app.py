@@ -330,6 +330,7 @@ def test_metrics_show_queue_depth_and_job_counts(
     assert depth[(("queue", "default"), ("status", "processing"))] == 1
     assert depth[(("queue", "default"), ("status", "completed"))] == 0
     assert depth[(("queue", "default"), ("status", "failed"))] == 0
+    assert depth[(("queue", "default"), ("status", "cancelled"))] == 0
     assert samples["queue_stats_up"][()] == 1
     # And the counts are summed over the worker processes
     labels = (("actor", "run_coding_job"), ("queue", "default"))
@@ -475,9 +476,11 @@ def test_the_monitor_logs_counts_oldest_pending_and_rate(
 
     # Then each line has the counts, the oldest pending job's age and (from the second on) a rate
     assert first is not None and second is not None
-    assert first.totals == {"pending": 4, "processing": 0, "completed": 0, "failed": 0}
+    assert first.totals == {"pending": 4, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0}
     assert first.jobs_per_minute is None
-    assert second.queues == {"default": {"pending": 2, "processing": 0, "completed": 2, "failed": 0}}
+    assert second.queues == {
+        "default": {"pending": 2, "processing": 0, "completed": 2, "failed": 0, "cancelled": 0}
+    }
     assert second.jobs_per_minute is not None and second.jobs_per_minute > 0
     assert second.oldest_pending_age_s is not None and 0 <= second.oldest_pending_age_s < 60
     lines = [record for record in log_records if record["extra"].get("event") == "queue_stats"]
