@@ -51,8 +51,8 @@ def _id(value: Any) -> str | None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Attempt:
-    """One run of a job: when, on which worker, how it ended ('completed', 'failed', 'lost', 'released',
-    'cancelled') and the start of its error."""
+    """One run of a job: when, on which worker, how it ended ('completed', 'failed', 'lost' with its worker,
+    'released' unrun or at shutdown, 'cancelled', or 'running' still) and the start of its error."""
 
     attempt: int
     worker: str | None
