@@ -510,6 +510,49 @@ def test_a_queue_with_pending_jobs_and_no_consumer_is_reported(
     assert consumers[(("queue", "defualt"),)] == 0 and consumers[(("queue", "default"),)] == 1
 
 
+def test_metrics_and_the_monitor_show_what_operators_alert_on(
+    db: Rows, run_dir: Path, pg_transport: PostgresTransport, log_records: list[Record]
+) -> None:
+    # Given a job that fell due two minutes ago, one delayed into the future (created long ago), a paused
+    # queue, and jobs of two actors
+    db.execute(
+        "insert into public.coding_jobs (prompt, run_at, created_at) values"
+        " ('due', now() - interval '2 minutes', now() - interval '3 minutes'),"
+        " ('delayed', now() + interval '1 hour', now() - interval '1 day')"
+    )
+    db.execute(
+        "insert into public.coding_jobs (prompt, queue_name, actor_name) values ('x', 'mail', 'send_mail')"
+    )
+    db.execute("select * from public.pause_queue('mail', 'provider outage')")
+
+    samples = metrics(client_for(run_dir, pg_transport))
+    summary = QueueMonitor(StatsCache(pg_transport, 0), interval_ms=30_000).log_once()
+
+    # Then the wait counts from when the due job fell due, and the delayed job does not count
+    wait = samples["queue_oldest_pending_wait_seconds"]
+    assert 110 <= wait[(("queue", "default"),)] < 200
+    assert summary is not None and summary.oldest_pending_age_s is not None
+    assert 110 <= summary.oldest_pending_age_s < 200
+    # jobs per actor and status, a counter of transitions, and the paused queue
+    actors = samples["queue_actor_jobs"]
+    assert actors[(("actor", "run_coding_job"), ("queue", "default"), ("status", "pending"))] == 2
+    assert actors[(("actor", "send_mail"), ("queue", "mail"), ("status", "pending"))] == 1
+    assert (
+        samples["queue_job_transitions_total"][
+            (("actor", "send_mail"), ("queue", "mail"), ("status", "pending"))
+        ]
+        == 1
+    )
+    assert samples["queue_paused"] == {(("queue", "default"),): 0, (("queue", "mail"),): 1}
+    assert summary.paused == ("mail",)
+    assert summary.actors == {
+        "default": {"run_coding_job": {"pending": 2}},
+        "mail": {"send_mail": {"pending": 1}},
+    }
+    [line] = [r for r in log_records if r["extra"].get("event") == "queue_stats"]
+    assert "paused: mail" in line["message"] and line["extra"]["paused_queues"] == "mail"
+
+
 def test_the_monitor_reports_an_unreachable_database(database_url: str, log_records: list[Record]) -> None:
     transport = OutageTransport(database_url, pool_size=1)
     try:
