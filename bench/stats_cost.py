@@ -8,7 +8,8 @@ pending and running ones at every size. Then, through the direct transport, it t
 server makes for /metrics and the monitor (get_queue_stats, get_actor_stats, get_queue_consumers,
 get_paused_queues), the dashboard's main-page read, the CLI's list of the newest completed jobs (no index
 orders completed jobs: acks stay cheap, so this one reads them all), and, for comparison, the full-scan
-GROUP BY that get_queue_stats() was before. Medians and 95th percentiles in milliseconds; the table goes to stdout.
+GROUP BY that get_queue_stats() was before. Medians and 95th percentiles in milliseconds; the table goes to
+stdout.
 """
 
 from __future__ import annotations
