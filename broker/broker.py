@@ -361,13 +361,15 @@ class SupabaseBroker(dramatiq.Broker):
                 doorbell=lambda: self._doorbell,
                 cancellations=self.cancellations,
             )
+            pruner = None
             if self.retain_completed_ms is not None or self.retain_failed_ms is not None:
-                self._pruner = Pruner(
+                pruner = Pruner(
                     self.transport, completed_ms=self.retain_completed_ms, failed_ms=self.retain_failed_ms
                 )
         self._keeper.start()
-        if self._pruner is not None:
-            self._pruner.start()
+        if pruner is not None:
+            pruner.start()
+            self._pruner = pruner  # only once started: a thread not started yet would look dead to /health
         if self._doorbell is not None:
             self._doorbell.start(self._ring, self._cancel_requested)
 
