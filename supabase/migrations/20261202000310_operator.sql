@@ -557,6 +557,7 @@ $$;
 -- prune_jobs: delete completed and cancelled jobs that finished more than p_completed_ms ago, and failed ones
 -- older than p_failed_ms (null keeps them), oldest first, in batches of p_batch rows, at most p_max_batches per
 -- call; `more` says a full load went and more may be waiting. One pruner at a time: the others return at once.
+-- It also folds the statistics' deltas (pg_cron can call it where no worker runs).
 -- Claims never wait for it: it touches finished rows only, and skips any row someone else has locked.
 create or replace function public.prune_jobs(
   p_completed_ms bigint default null, p_failed_ms bigint default null, p_batch integer default 500,
@@ -617,6 +618,8 @@ begin
     exit when not more;
   end loop;
   delete from public.queue_stat_minutes m where m.minute < now() - interval '1 day';
+  -- The heartbeats fold the counts' deltas; a queue with no worker running gets them folded here.
+  perform public.queue_compact_stats();
   return next;
 end
 $$;
