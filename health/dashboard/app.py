@@ -202,13 +202,33 @@ class SecurityHeaders:
             resp.set_header(name, value)
 
 
+#: The viewer of an error page: no session, no forms.
+NOBODY = Viewer(actions_enabled=False, signed_in=False, csrf=None)
+
+
+def _root(req: falcon.Request) -> str:
+    """The dashboard's root relative to this request's page ("" for /x, "../" for /jobs/x)."""
+    return "../" * max(req.path.count("/") - 1, 0)
+
+
 def _unreachable(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
     # The queue's own errors carry no secret (drivers name host and port, never a password).
     logger.bind(event="dashboard_error").warning("Dashboard: the queue did not answer: {}", ex)
+    page = message_page(
+        "The queue did not answer", f"{type(ex).__name__}: {ex}", root=_root(req), viewer=NOBODY
+    )
+    _html(resp, page, falcon.HTTP_503)
+
+
+def _error_page(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTPError) -> None:
+    """Falcon's errors (404, 405, 400 ...) as the dashboard's own page, not XML or JSON."""
     viewer = Viewer(actions_enabled=False, signed_in=False, csrf=None)
     root = "../" * max(req.path.count("/") - 1, 0)
-    page = message_page("The queue did not answer", f"{type(ex).__name__}: {ex}", root=root, viewer=viewer)
-    _html(resp, page, falcon.HTTP_503)
+    page = message_page(
+        exception.title or "Error", exception.description or exception.title, root=root, viewer=viewer
+    )
+    resp.content_type = falcon.MEDIA_HTML
+    resp.text = page
 
 
 def create_dashboard_app(
@@ -225,6 +245,7 @@ def create_dashboard_app(
     app.add_route("/logout", LogoutResource())
     app.add_route("/actions/{name}", ActionResource(dashboard))
     app.add_static_route("/static", STATIC_DIR)
+    app.set_error_serializer(_error_page)
     app.add_error_handler(ConnectionClosed, _unreachable)
     app.add_error_handler(QueueError, _unreachable)
     return app
