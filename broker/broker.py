@@ -350,7 +350,7 @@ class SupabaseBroker(dramatiq.Broker):
             if self._keeper is not None:
                 return
             self._doorbell = self.transport.doorbell(self.worker_info(), self.presence)
-            self._keeper = Keeper(
+            keeper = Keeper(
                 self.transport,
                 worker=self.worker_info,
                 holdings=self.holdings,
@@ -361,15 +361,16 @@ class SupabaseBroker(dramatiq.Broker):
                 doorbell=lambda: self._doorbell,
                 cancellations=self.cancellations,
             )
-            pruner = None
+            # Published only once started: a heartbeat file written in between would call a thread that has
+            # not started yet dead, and /health would fail for it.
+            keeper.start()
+            self._keeper = keeper
             if self.retain_completed_ms is not None or self.retain_failed_ms is not None:
                 pruner = Pruner(
                     self.transport, completed_ms=self.retain_completed_ms, failed_ms=self.retain_failed_ms
                 )
-        self._keeper.start()
-        if pruner is not None:
-            pruner.start()
-            self._pruner = pruner  # only once started: a thread not started yet would look dead to /health
+                pruner.start()
+                self._pruner = pruner
         if self._doorbell is not None:
             self._doorbell.start(self._ring, self._cancel_requested)
 
