@@ -315,16 +315,20 @@ def _database(args: argparse.Namespace, work_dir: Path) -> tuple[Any, str, Any]:
             raise SystemExit("--database-url: the benchmark restarts only a server it started itself")
 
         return None, args.database_url, refuse
-    from service.embedded_db import start_embedded_postgres
+    from service.embedded_db import start_embedded_postgres, stop_embedded_postgres
 
     data_dir = work_dir / "postgres"
     server = start_embedded_postgres(data_dir)
 
     def restart() -> None:
-        server.stop()
+        stop_embedded_postgres(data_dir)
         start_embedded_postgres(data_dir)
 
-    return server, server.url, restart
+    class Server:
+        def stop(self) -> None:
+            stop_embedded_postgres(data_dir)
+
+    return Server(), server.url, restart
 
 
 def main(argv: list[str] | None = None) -> int:

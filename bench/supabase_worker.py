@@ -13,12 +13,12 @@ from bench.noop_actors import declare
 from broker.broker import SupabaseBroker
 from broker.defaults import DEFAULT_POLL_INTERVAL_MS
 from broker.postgres import PostgresTransport
-from service.transports import EXTRA_POOL_CONNECTIONS
+from service.budget import worker_pool_size
 
 _threads = int(os.environ.get(THREADS_ENV, DEFAULT_THREADS))
-# The pool the service itself builds for this many threads (service/wiring.py).
+# The pool the service itself builds for this many threads (service/budget.py).
 broker = SupabaseBroker(
-    PostgresTransport(os.environ[DATABASE_URL_ENV], pool_size=_threads + EXTRA_POOL_CONNECTIONS),
+    PostgresTransport(os.environ[DATABASE_URL_ENV], pool_size=worker_pool_size(_threads)),
     poll_interval_ms=int(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_MS)),
 )
 noop = declare(broker)

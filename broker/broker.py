@@ -350,6 +350,9 @@ class SupabaseBroker(dramatiq.Broker):
             if self._keeper is not None:
                 return
             self._doorbell = self.transport.doorbell(self.worker_info(), self.presence)
+            # The doorbell found out whether this connection can hold a session (LISTEN and a lock): presence
+            # follows it (issue 12); before, the policy was the transport's guess, made without a connection.
+            self.presence.policy = self.transport.presence_policy()
             keeper = Keeper(
                 self.transport,
                 worker=self.worker_info,

@@ -124,6 +124,7 @@ class Keeper:
             self.transport.register_worker(worker, self.policy)
             self.presence.confirmed(sent_at)
             self.logger.info("Registered worker %s (heartbeat presence).", worker.worker_id)
+            self.holdings.notify_all()  # consumers waiting for the registration may claim now
         self._hand_back_dropped()
         proxies = [p for p in self.holdings.held() if not p.settled]
         now = time.monotonic()

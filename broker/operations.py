@@ -405,7 +405,7 @@ class QueueOperations(abc.ABC):
         return bool(row["resumed"])
 
     def prune(
-        self, completed_ms: int | None, failed_ms: int | None, *, batch: int = 500, max_batches: int = 20
+        self, completed_ms: int | None, failed_ms: int | None, *, batch: int = 500, max_batches: int = 10
     ) -> PruneResult:
         """Delete finished jobs older than their age (None keeps them); one pruner at a time."""
         [row] = self._call(

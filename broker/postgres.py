@@ -1,18 +1,28 @@
-"""The direct PostgreSQL transport: psycopg 3 with a connection pool, LISTEN for wake-ups."""
+"""The direct PostgreSQL transport: psycopg 3 with a connection pool, LISTEN for wake-ups when it can work."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
+from dramatiq.logging import get_logger
 from psycopg.types.json import Jsonb
 
+from broker.deadlines import Deadlines
 from broker.errors import DATABASE_LOGIN_HINT, ConnectionClosed, QueueAccessDenied
-from broker.function_pool import DEFAULT_POOL_TIMEOUT_S, FunctionPool, translate_error
+from broker.function_pool import (
+    DEFAULT_POOL_TIMEOUT_S,
+    DEFAULT_STATEMENT_TIMEOUT_MS,
+    FunctionPool,
+    translate_error,
+)
 from broker.listen import APPLICATION_NAME, ListenDoorbell
 from broker.operations import SqlArg
+from broker.polling import PollingDoorbell, PollPolicy
+from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
 from broker.transport import (
     Claim,
     ClaimedJob,
@@ -57,25 +67,67 @@ def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
 
 
 class PostgresTransport(Transport):
-    """The queue over a direct (or session-mode pooler) PostgreSQL connection.
+    """The queue over PostgreSQL: a direct connection, or a session- or transaction-mode pooler.
 
-    In poll-only mode (transaction-mode poolers) there is no LISTEN and no prepared statements, and workers
-    heartbeat instead of holding a session lock. Every call is retried once on a fresh connection when its
-    connection was lost: settling calls are fenced by a claim token, an enqueue by its message ids, and a
-    claim by the claim token the caller chose, so a repeat whose first reply was lost changes nothing more.
+    Whether the URL gives sessions of our own is found out once per process, by the worker's start-up check or
+    else on first use (`session_semantics()`, broker/pooling.py). Only then do the pool's connections allow
+    server-side prepared statements, does the doorbell LISTEN and hold the worker's presence lock; otherwise
+    the doorbell polls (broker/polling.py) and the worker heartbeats. `poll_only` (DATABASE_POLL_ONLY) skips
+    the detection and behaves as behind a transaction pooler. Every call carries its own statement timeout
+    (broker/function_pool.py). Every call is retried once on a fresh connection when its connection was lost:
+    settling calls are fenced by a claim token, an enqueue by its message ids, and a claim by the claim token
+    the caller chose, so a repeat whose first reply was lost changes nothing more.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4, poll_only: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        poll_only: bool = False,
+        application_name: str = APPLICATION_NAME,
+        statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+        sessions: bool = True,
+        poll_policy: PollPolicy | None = None,
+    ) -> None:
         self.url = url
         self.poll_only = poll_only
+        #: False for a process that needs no session state (the health server): no probe, no prepared
+        #: statements.
+        self.sessions = sessions
+        #: When the doorbell polls (no LISTEN): how often.
+        self.poll_policy = poll_policy or PollPolicy()
+        self.application_name = application_name
+        self.logger = get_logger(__name__, type(self))
+        # A lambda: nothing of self is read while it is being built (a subclass may watch every read).
+        self._semantics = CachedSemantics(lambda: self._detect())
+        #: Whether the doorbell LISTENs (and so holds the presence lock); None until doorbell() decided.
+        self._listens: bool | None = None
+        #: Monotonic time of the last claim that found jobs: the polling doorbell's sign of a busy queue.
+        self.last_work_at: float | None = None
+        self._deadlines = Deadlines(f"{application_name}-check")
         #: Also lent to the result backends, so the whole worker shares one pool.
         self.calls = FunctionPool(
             url,
-            name=APPLICATION_NAME,
+            name=application_name,
             size=pool_size,
             timeout_s=DEFAULT_POOL_TIMEOUT_S,
-            prepared_statements=not poll_only,
+            statement_timeout_ms=statement_timeout_ms,
+            prepared_statements=lambda: self.session_semantics().session_state,
         )
+
+    def session_semantics(self) -> SessionSemantics:
+        """Whether this URL gives sessions of our own (detected once per process; ConnectionClosed if it
+        cannot be told, such as behind a pooler with no free server connection)."""
+        return self._semantics.get()
+
+    def _detect(self) -> SessionSemantics:
+        if not self.sessions:
+            return SessionSemantics(False, "this process needs no session state")
+        found = poll_only() if self.poll_only else detect_session_semantics(self.url)
+        kind = "sessions of our own" if found.session_state else "no session state (transaction pooling)"
+        self.logger.info("Database connection: %s: %s.", kind, found.reason)
+        return found
 
     def check_schema(self) -> None:
         """Raise QueueAccessDenied for a refused login, QueueSchemaMissing without the migrations, and
@@ -85,18 +137,34 @@ class PostgresTransport(Transport):
         its timeout, which would make a wrong password look like an unreachable database.
         """
         try:
-            with psycopg.connect(
-                self.url,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                autocommit=True,
-                application_name=APPLICATION_NAME,
-            ) as conn:
-                conn.execute("select public.queue_ping()")
-                conn.execute("select 'public.claim_jobs(text, text, integer, integer, uuid)'::regprocedure")
+            with (
+                psycopg.connect(
+                    self.url,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    autocommit=True,
+                    application_name=self.application_name,
+                    prepare_threshold=None,
+                ) as conn,
+                self._deadlines.watch(conn, CONNECT_TIMEOUT_S) as watch,
+            ):
+                try:
+                    conn.execute("select public.queue_ping()")
+                    conn.execute(
+                        "select 'public.claim_jobs(text, text, integer, integer, uuid)'::regprocedure"
+                    )
+                except psycopg.OperationalError:
+                    if watch.overran:
+                        raise ConnectionClosed(
+                            f"the database accepted the connection but answered nothing within "
+                            f"{CONNECT_TIMEOUT_S} s: a pooler whose server connections are all taken?"
+                        ) from None
+                    raise
         except psycopg.OperationalError as exc:
             raise login_error(exc) from None
         except psycopg.Error as exc:
             raise translate_error(exc) from None
+        # Which kind of connection this is, said once at start-up (and bounded, like the check above).
+        self.session_semantics()
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
         payload = Jsonb([job.as_json() for job in jobs])
@@ -110,6 +178,8 @@ class PostgresTransport(Transport):
             (worker_id, queue_name, limit, lease_ms, claim_token),
             idempotent=True,
         )
+        if rows:
+            self.last_work_at = time.monotonic()
         return [ClaimedJob.from_row(row) for row in rows]
 
     def complete_many(self, claims: Sequence[Claim]) -> set[str]:
@@ -150,7 +220,10 @@ class PostgresTransport(Transport):
         return bool(self.calls.value(query, params, idempotent=True))
 
     def presence_policy(self) -> PresencePolicy:
-        return HEARTBEAT_PRESENCE if self.poll_only else LOCK_PRESENCE
+        # The lock lives on the LISTEN connection, so presence follows the doorbell once doorbell() decided;
+        # until then (a producer's broker) a guess that costs no connection.
+        listens = (not self.poll_only) if self._listens is None else self._listens
+        return LOCK_PRESENCE if listens else HEARTBEAT_PRESENCE
 
     def register_worker(self, worker: WorkerInfo, policy: PresencePolicy) -> None:
         if policy.mode == "lock":
@@ -221,28 +294,33 @@ class PostgresTransport(Transport):
         return {row["queue_name"]: int(row["workers"]) for row in rows}
 
     def ping(self, timeout_s: float) -> None:
-        # A fresh connection, not the pool: readiness must not queue behind busy worker threads.
-        try:
-            with psycopg.connect(
-                self.url,
-                connect_timeout=max(1, round(timeout_s)),
-                autocommit=True,
-                application_name=APPLICATION_NAME,
-            ) as conn:
-                timeout = f"{int(timeout_s * 1000)}ms"
-                conn.execute("select set_config('statement_timeout', %s, false)", (timeout,))
-                conn.execute("select public.queue_ping()")
-        except psycopg.Error as exc:
-            raise ConnectionClosed(exc) from None
+        # Through the pool, bounded like any call but by the readiness timeout: no extra connection per probe,
+        # which in a full session-mode pooler would fail readiness for want of a server connection alone.
+        timeout_ms = max(1, int(timeout_s * 1000))
+        # Half the time for a pooled connection: a database that is gone fails as unreachable, not as slow.
+        query = "select public.queue_ping()"
+        self.calls.value(query, (), idempotent=True, timeout_ms=timeout_ms, wait_s=timeout_s / 2)
 
     def doorbell(
         self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
     ) -> Doorbell | None:
-        if self.poll_only:
-            return None
-        return ListenDoorbell(
-            self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE, probe=self.probe_doorbell
+        try:
+            listens = self.session_semantics().session_state
+        except ConnectionClosed as exc:
+            # Polling works whatever the connection turns out to be; the calls themselves will report it.
+            self.logger.warning("Could not tell whether LISTEN works here (%s); polling instead.", exc)
+            listens = False
+        self._listens = listens
+        if listens:
+            return ListenDoorbell(
+                self.url, worker=worker, presence=presence, policy=LOCK_PRESENCE, probe=self.probe_doorbell
+            )
+        self.logger.info(
+            "No LISTEN on this connection: polling for new jobs every %.0f ms when idle, %.0f ms after work.",
+            self.poll_policy.idle_s * 1000,
+            self.poll_policy.busy_s * 1000,
         )
+        return PollingDoorbell(lambda: self.last_work_at, self.poll_policy)
 
     def probe_doorbell(self, token: str) -> None:
         """Ring a probe that wakes nobody, from the pool: the LISTEN connection must hear it."""

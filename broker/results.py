@@ -64,7 +64,7 @@ class PostgresResultBackend(ResultBackend):
         use_namespace_prefix_keys: bool = False,
         pool_size: int = DEFAULT_POOL_SIZE,
         pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
-        prepared_statements: bool = True,
+        prepared_statements: bool = False,
     ) -> None:
         super().__init__(
             namespace=namespace, encoder=encoder, use_namespace_prefix_keys=use_namespace_prefix_keys
@@ -141,7 +141,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         pool: ConnectionPool[Any] | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
-        prepared_statements: bool = True,
+        prepared_statements: bool = False,
     ) -> None:
         self.calls = FunctionPool(
             url,

@@ -12,7 +12,7 @@ from health.monitor import QueueMonitor
 from health.readiness import ReadinessProbe
 from health.stats_cache import StatsCache
 from service.settings import Settings
-from service.transports import build_transport
+from service.transports import build_health_transport
 
 
 @dataclasses.dataclass(slots=True)
@@ -34,7 +34,7 @@ def build_runtime(
 ) -> HealthRuntime:
     """The health app over the settings' transport (or the one given); the monitor is not started."""
     if transport is None:
-        transport = build_transport(settings)
+        transport = build_health_transport(settings)
     cache = StatsCache(transport, settings.stats_cache_ms, wait_ms=settings.readiness_timeout_ms)
     app = create_app(
         run_dir=settings.run_path,

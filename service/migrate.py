@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +53,8 @@ alter table supabase_migrations.schema_migrations add column if not exists state
 alter table supabase_migrations.schema_migrations add column if not exists name text;
 """
 
+
+Connection = psycopg.Connection[tuple[object, ...]]
 
 _DESCRIPTION = "Apply the queue's bootstrap and migrations to DATABASE_URL."
 
@@ -123,43 +126,57 @@ def apply_migrations(url: str, *, bootstrap: bool, supabase_dir: Path = SUPABASE
 
     The bootstrap is skipped on a Supabase project, whose roles and auth schema are Supabase's own; without
     it, plain PostgreSQL is refused with BootstrapNeeded before anything is applied. Each migration runs in
-    its own transaction with its history row, so a failure leaves the database at the previous version. A
-    session advisory lock serialises appliers that start together.
+    its own transaction together with its history row, so a failure leaves the database at the previous
+    version. Every transaction starts by taking a transaction-scoped advisory lock and only then reads the
+    history, so appliers that start together take turns: each migration is applied once, in order, whoever
+    applies it. The lock ends with its transaction, so nothing is left behind on the server connection, which
+    a transaction-mode pooler (Supavisor port 6543) hands to its next client.
     """
     applied: list[str] = []
-    with psycopg.connect(url, autocommit=True) as conn:
-        # Held until the connection closes: a failure anywhere below releases it too.
-        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+    migrations = find_migrations(supabase_dir / "migrations")
+    # No server-side prepared statements: through a transaction pooler they would stay on its connections.
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
         kind = conn.execute(_DATABASE_KIND_SQL).fetchone()
         has_supabase_roles, is_supabase_project = kind if kind is not None else (False, False)
         if bootstrap and is_supabase_project:
             logger.info("A Supabase project: its roles and auth schema are Supabase's own; no bootstrap")
         elif bootstrap:
             bootstrap_path = supabase_dir / "bootstrap.sql"
-            with conn.transaction():
+            with _turn(conn):
                 conn.execute(bootstrap_path.read_text(encoding="utf-8"))
             logger.debug("Applied {}", bootstrap_path.name)
         elif not has_supabase_roles:
             raise BootstrapNeeded()
-        with conn.transaction():
+        with _turn(conn):
             conn.execute(_HISTORY_TABLE_SQL)
-        recorded = {
-            version
-            for (version,) in conn.execute("select version from supabase_migrations.schema_migrations")
-        }
-        for migration in find_migrations(supabase_dir / "migrations"):
-            if migration.version in recorded:
-                continue
-            _apply_one(conn, migration)
+        while (migration := _apply_next(conn, migrations)) is not None:
             logger.info("Applied migration {} ({})", migration.version, migration.name)
             applied.append(migration.version)
     return applied
 
 
-def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:
-    text = migration.sql()
-    try:
-        with conn.transaction():
+@contextmanager
+def _turn(conn: Connection) -> Iterator[None]:
+    """A transaction that holds the migration lock from its first statement to its end."""
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        yield
+
+
+def _apply_next(conn: Connection, migrations: list[Migration]) -> Migration | None:
+    """Apply the first migration not yet recorded, in one turn with its history row; None when all are."""
+    with _turn(conn):
+        # Read under the lock: another applier may have applied some while we waited for our turn.
+        recorded = {
+            version
+            for (version,) in conn.execute("select version from supabase_migrations.schema_migrations")
+        }
+        pending = [migration for migration in migrations if migration.version not in recorded]
+        if not pending:
+            return None
+        migration = pending[0]
+        text = migration.sql()
+        try:
             # No parameters: psycopg sends the file as one simple query, many statements and $$ bodies alike.
             conn.execute(text)
             conn.execute(
@@ -167,10 +184,11 @@ def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migratio
                 " values (%s, %s, %s)",
                 (migration.version, migration.name, [text]),
             )
-    except psycopg.OperationalError:
-        raise
-    except psycopg.Error as exc:
-        raise MigrationError(migration.version, migration.path, str(exc).strip()) from exc
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            raise MigrationError(migration.version, migration.path, str(exc).strip()) from exc
+    return migration
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,8 +85,10 @@ class Settings(BaseSettings):
     supabase_service_role_key: SecretStr | None = None
     #: "postgres" or "rest"; inferred from which credentials are set when empty.
     queue_transport: TransportKind | None = None
-    #: Poll-only mode for transaction-mode poolers (no LISTEN, no prepared statements).
+    #: Behave as behind a transaction-mode pooler (no LISTEN, no prepared statements) without detecting it.
     database_poll_only: bool = False
+    #: Pooled connections per worker process; empty: 2 for one thread, 3 for more (service/budget.py).
+    database_pool_size: int | None = Field(None, ge=1, le=64)
 
     poll_interval_ms: int = Field(DEFAULT_POLL_INTERVAL_MS, ge=50, le=3_600_000)
     max_concurrent_jobs: int = Field(1, ge=1, le=256)

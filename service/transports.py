@@ -9,12 +9,13 @@ from pathlib import Path
 import psycopg
 
 from broker.transport import Transport
+from service.budget import HEALTH_POOL_SIZE, worker_pool_size
 from service.embedded_db import find_embedded_postgres
 from service.errors import ConfigurationError
 from service.settings import Settings, TransportKind
 
-#: Connections beyond one per worker thread: the consumer, the lease keeper, producers inside jobs.
-EXTRA_POOL_CONNECTIONS = 3
+#: How the health server's connection shows in pg_stat_activity (the workers' show as queue-worker).
+HEALTH_APPLICATION_NAME = "queue-health"
 
 
 def database_url(settings: Settings) -> str:
@@ -40,7 +41,7 @@ def database_url(settings: Settings) -> str:
 
 
 def build_transport(settings: Settings) -> Transport:
-    """The transport the settings select."""
+    """The transport the settings select, sized for a worker process (service/budget.py)."""
     if settings.transport is TransportKind.rest:
         from broker.rest import SPARE_CONNECTIONS, RestTransport
 
@@ -55,8 +56,22 @@ def build_transport(settings: Settings) -> Transport:
 
     return PostgresTransport(
         database_url(settings),
-        pool_size=settings.max_concurrent_jobs + EXTRA_POOL_CONNECTIONS,
+        pool_size=settings.database_pool_size or worker_pool_size(settings.max_concurrent_jobs),
         poll_only=settings.database_poll_only,
+    )
+
+
+def build_health_transport(settings: Settings) -> Transport:
+    """The transport of the health server: one connection, no LISTEN, no session probe."""
+    if settings.transport is TransportKind.rest:
+        return build_transport(settings)
+    from broker.postgres import PostgresTransport
+
+    return PostgresTransport(
+        database_url(settings),
+        pool_size=HEALTH_POOL_SIZE,
+        application_name=HEALTH_APPLICATION_NAME,
+        sessions=False,
     )
 
 

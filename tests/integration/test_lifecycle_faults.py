@@ -143,6 +143,27 @@ def test_a_dead_workers_job_is_rescued_in_seconds_without_spending_its_retries(
     assert db.execute("select count(*) as n from public.queue_workers").fetchone() == {"n": 0}
 
 
+def test_a_heartbeat_worker_that_goes_silent_is_rescued_after_its_stale_window(db: Db) -> None:
+    # Given a job held by a worker that heartbeats (a transaction pooler, the REST API), silent after 0.5 s
+    job_id = insert_job(db, prompt="silent")
+    db.execute("select public.register_worker('quiet', 'heartbeat', 500)")
+    db.execute(
+        "select id from public.claim_jobs('quiet', 'default', 1, 600000, %s::uuid)", (str(uuid.uuid4()),)
+    )
+    # A heartbeat keeps it: the job stays held
+    db.execute("select * from public.worker_heartbeat('quiet', '{}', '{}')")
+    assert job(db, job_id)["status"] == "processing"
+
+    # When it stops heartbeating, then once its window has passed the rescue returns the job
+    def rescued() -> dict[str, Any] | None:
+        db.execute("select public.rescue_jobs()")
+        row = job(db, job_id)
+        return row if row["status"] == "pending" else None
+
+    row = wait_until(rescued, TIMEOUT_S, "the silent worker's job to be rescued")
+    assert (row["retry_count"], row["rescue_count"]) == (0, 1)
+
+
 def test_a_worker_that_reconnects_within_the_grace_keeps_its_jobs(database_url: str, db: Db) -> None:
     # Given a job held by a registered worker
     job_id = insert_job(db, prompt="kept")

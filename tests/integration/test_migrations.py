@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from service.migrate import SUPABASE_DIR, MigrationError, apply_migrations
 from tests.support.databases import DatabaseServer
@@ -118,10 +119,20 @@ def test_concurrent_appliers_apply_each_migration_once(empty_database: str) -> N
     for thread in threads:
         thread.join(THREAD_TIMEOUT_S)
 
-    # Then neither failed, one applied everything and the other found nothing left to do
+    # Then neither failed, and they took turns: each migration applied once, by one of them, in order
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
-    assert sorted(results) == [[], migration_versions()]
+    first, second = results
+    assert sorted(first + second) == migration_versions()
+    assert first == sorted(first) and second == sorted(second)
+    with psycopg.connect(empty_database) as conn:
+        history = conn.execute("select version from supabase_migrations.schema_migrations").fetchall()
+        locks = conn.execute(
+            "select count(*) from pg_locks where locktype = 'advisory'"
+            " and database = (select oid from pg_database where datname = current_database())"
+        ).fetchone()
+    assert sorted(version for (version,) in history) == migration_versions()
+    assert locks == (0,)
 
 
 def test_a_failing_migration_leaves_the_previous_version(empty_database: str, tmp_path: Path) -> None:
@@ -250,3 +261,42 @@ create function auth.uid() returns uuid language sql stable as $$
 $$;
 grant usage on schema auth to anon, authenticated, service_role;
 """
+
+
+# -- issue 10, item 10: nothing outside our own objects ----------------------------------------------------
+UNSET_ROLE_TIMEOUT = SUPABASE_DIR / "migrations" / "20261202000200_unset_service_role_timeout.sql"
+
+
+def service_role_statement_timeout(conn: psycopg.Connection[tuple[object, ...]]) -> str | None:
+    """service_role's cluster-wide statement_timeout setting, as this transaction sees it."""
+    row = conn.execute(
+        "select (select c from unnest(s.setconfig) c where c like 'statement_timeout=%%')"
+        "  from pg_db_role_setting s join pg_roles r on r.oid = s.setrole"
+        " where r.rolname = 'service_role' and s.setdatabase = 0"
+    ).fetchone()
+    return None if row is None or row[0] is None else str(row[0]).split("=", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("8s", None), ("5s", "5s"), (None, None)],
+    ids=["ours-is-undone", "an-operators-stays", "none-is-not-set"],
+)
+def test_the_role_statement_timeout_we_set_is_undone_and_no_other(
+    database_url: str, before: str | None, after: str | None
+) -> None:
+    # Role settings are cluster-wide: each case runs in a transaction that is rolled back, so no other session
+    # (nor another test run on the same server) ever sees it.
+    with psycopg.connect(database_url) as conn, conn.transaction(force_rollback=True):
+        # Given service_role's statement timeout as an earlier migration or an operator left it
+        conn.execute("alter role service_role reset statement_timeout")
+        if before is not None:
+            setting = sql.SQL("alter role service_role set statement_timeout = {}")
+            conn.execute(setting.format(sql.Literal(before)))
+
+        # When the migration runs (twice: re-running it is harmless)
+        conn.execute(UNSET_ROLE_TIMEOUT.read_text(encoding="utf-8"))
+        conn.execute(UNSET_ROLE_TIMEOUT.read_text(encoding="utf-8"))
+
+        # Then only the value an earlier migration of ours set is gone
+        assert service_role_statement_timeout(conn) == after

@@ -104,7 +104,10 @@ class TableRuns:
 
     def __init__(self, url: str) -> None:
         self._lock = threading.Lock()
-        self._conn = psycopg.connect(url, autocommit=True, application_name="test-actors")
+        # No prepared statements: under the CLI `url` may lead through a transaction pooler.
+        self._conn = psycopg.connect(
+            url, autocommit=True, application_name="test-actors", prepare_threshold=None
+        )
         create_runs_table(self._conn)
 
     def record(self, run: Run) -> None:
