@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from bench.environment import DEFAULT_ADMIN_URL
-from broker.operations import JobFilter
+from broker.operator_records import JobFilter
 from broker.postgres import PostgresTransport
 from health.dashboard.board import read_board
 from service.migrate import apply_migrations

@@ -31,7 +31,7 @@ from broker.interrupts import JobCancelled, JobInterrupted, ShutdownDeadline, se
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
 from broker.messages import JobProxy, error_text, job_id_for, new_job, stored_options
-from broker.operations import CancelOutcome
+from broker.operator_records import CancelOutcome
 from broker.presence import PresenceState
 from broker.retention import Pruner
 from broker.settle import Settler

@@ -15,7 +15,7 @@ from typing import Any
 
 from loguru import logger
 
-from broker.operations import JOB_STATUSES
+from broker.operator_records import JOB_STATUSES
 from health.stats_cache import StatsCache, StatsReading
 
 #: The statuses of public.job_status, in the order a line shows them.

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from broker.operations import ActorStat, PausedQueue
+from broker.operator_records import ActorStat, PausedQueue
 from broker.transport import QueueStat, Transport
 from health.background_call import BackgroundCall
 from service.settings import DEFAULT_READINESS_TIMEOUT_MS

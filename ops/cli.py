@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, QueueSchemaMissing
-from broker.operations import JOB_STATUSES, MAX_LISTED_JOBS, JobFilter, PausedQueue
+from broker.operator_records import JOB_STATUSES, MAX_LISTED_JOBS, JobFilter, PausedQueue
 from broker.retention import retention_ms
 from broker.transport import Transport
 from ops.render import ago, duration, print_json, print_table

@@ -14,7 +14,7 @@ from loguru import logger
 from pydantic import SecretStr
 
 from broker.errors import ConnectionClosed, QueueError
-from broker.operations import RETRYABLE_STATUSES, JobFilter
+from broker.operator_records import RETRYABLE_STATUSES, JobFilter
 from broker.transport import Transport
 from health.dashboard.auth import DashboardAuth, clear_session, set_session
 from health.dashboard.board import read_board

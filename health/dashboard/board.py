@@ -6,7 +6,7 @@ import dataclasses
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
-from broker.operations import (
+from broker.operator_records import (
     HISTORY_MINUTES,
     JobFilter,
     JobSummary,

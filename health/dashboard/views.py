@@ -10,7 +10,7 @@ import dataclasses
 from datetime import datetime
 from html import escape
 
-from broker.operations import JobDetail, JobSummary, WorkerRecord
+from broker.operator_records import JobDetail, JobSummary, WorkerRecord
 from health.dashboard.board import Board, QueueRow, age_s
 from health.dashboard.charts import STATUS_CLASSES, bar_chart, line_chart
 from health.monitor import STATUSES

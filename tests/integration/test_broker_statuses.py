@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.broker import ACTIVE_STATUSES
-from broker.operations import FINISHED_STATUSES, JOB_STATUSES
+from broker.operator_records import FINISHED_STATUSES, JOB_STATUSES
 from health.monitor import STATUSES
 from tests.support.brokers import Db
 

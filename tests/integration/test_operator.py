@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from broker.broker import SupabaseBroker
-from broker.operations import ATTEMPTS_KEPT, JobFilter
+from broker.operator_records import ATTEMPTS_KEPT, JobFilter
 from broker.transport import Transport
 from tests.support.brokers import Db, insert_job, job, running_worker, wait_for_status, wait_until
 

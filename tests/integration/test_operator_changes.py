@@ -13,7 +13,7 @@ import pytest
 
 from broker.broker import SupabaseBroker
 from broker.errors import QueueError
-from broker.operations import JobFilter
+from broker.operator_records import JobFilter
 from broker.retention import Pruner
 from broker.transport import Transport
 from tests.support.brokers import Db, insert_job, job, jobs, running_worker, wait_for_status, wait_until

@@ -6,7 +6,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from broker.operations import ActorStat
+from broker.operator_records import ActorStat
 from broker.transport import QueueStat
 from health.job_counters import DURATION_BOUNDS_S, ActorJobStats, JobCounters
 from health.liveness import assess
