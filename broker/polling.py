@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from broker.supervision import SupervisedThread, ThreadStatus
 from broker.transport import CancelCallback, Doorbell, RingCallback
 
 #: Milliseconds between rings while jobs were claimed recently.
@@ -25,6 +26,8 @@ IDLE_RING_MS = 1_000
 BUSY_WINDOW_MS = 10_000
 #: Each interval is drawn within this fraction either side, so the processes of a fleet do not ring in step.
 JITTER = 0.2
+#: Seconds beyond the longest interval after which a silent polling thread counts as wedged.
+STALE_MARGIN_S = 30.0
 
 
 class PollPolicy:
@@ -45,6 +48,8 @@ class PollPolicy:
         self.idle_s = idle_ms / 1000
         self.busy_window_s = busy_window_ms / 1000
         self.jitter = jitter
+        #: The longest interval a ring may wait, jitter included.
+        self.max_interval_s = self.idle_s * (1 + jitter)
         self._rng = rng or random.Random()
         self._current_s = self.idle_s
 
@@ -67,20 +72,35 @@ class PollingDoorbell(Doorbell):
         self.last_work_at = last_work_at
         self.policy = policy or PollPolicy()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: SupervisedThread | None = None
 
     def start(self, ring: RingCallback, cancel: CancelCallback | None = None) -> None:
         # Cancellations reach a poll-only worker through its heartbeat (worker_heartbeat's cancel_requested).
-        self._thread = threading.Thread(target=self._run, args=(ring,), name="queue-poll", daemon=True)
-        self._thread.start()
+        thread = SupervisedThread(
+            "queue-poll",
+            lambda: self._run(ring),
+            stopping=self._stopping,
+            stale_after_s=self.policy.max_interval_s + STALE_MARGIN_S,
+        )
+        thread.start()
+        self._thread = thread  # only once started: a heartbeat file written in between would call it dead
 
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> ThreadStatus | None:
+        return None if self._thread is None else self._thread.status()
+
     def _run(self, ring: RingCallback) -> None:
         while True:
+            if self._thread is not None:
+                self._thread.tick()
             found_at = self.last_work_at()
             since = None if found_at is None else time.monotonic() - found_at
             if self._stopping.wait(self.policy.next_interval_s(since)):

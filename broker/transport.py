@@ -269,7 +269,7 @@ class Transport(QueueOperations, abc.ABC):
     def doorbell(
         self, worker: WorkerInfo | None = None, presence: PresenceListener | None = None
     ) -> Doorbell | None:
-        """The wake-up source for this transport, or None in poll-only mode.
+        """The wake-up source for this transport (LISTEN, Realtime, or a polling schedule), or None.
 
         With lock presence, the doorbell also registers `worker` and reports to `presence`.
         """

@@ -95,6 +95,11 @@ def test_every_job_runs_exactly_once_across_worker_processes(
     env = cli_env(database_url, poll_interval_ms=200, coding_job_duration_ms=20)
     cli = workers.start(env, TEST_ACTORS, processes=3, threads=2)
     cli.wait_for_lines(r"Worker process is ready for action", 3, BOOT_S)
+    # (ready for action, and registered: a worker claims only once the queue knows it)
+    registered = "select count(*) as n from public.queue_workers"
+    wait_until(
+        lambda: db.execute(registered).fetchone() == {"n": 3}, BOOT_S, message="three workers registered"
+    )
 
     # When 200 jobs arrive at once: 100 coding jobs from the Edge Function, 100 from a producer
     coding_jobs = insert_edge_jobs(db, 100)
