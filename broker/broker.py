@@ -16,6 +16,7 @@ from dramatiq.middleware import Middleware, SkipMessage, default_middleware
 from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
+from broker.cancels import Cancellations
 from broker.consumer import JobConsumer
 from broker.defaults import (
     DEFAULT_LEASE_MS,
@@ -26,11 +27,13 @@ from broker.defaults import (
 )
 from broker.errors import ConnectionClosed
 from broker.holdings import Holdings
-from broker.interrupts import JobInterrupted, ShutdownDeadline, set_stop_check
+from broker.interrupts import JobCancelled, JobInterrupted, ShutdownDeadline, set_stop_check
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
-from broker.messages import JobProxy, error_text, new_job, stored_options
+from broker.messages import JobProxy, error_text, job_id_for, new_job, stored_options
+from broker.operator_records import CancelOutcome
 from broker.presence import PresenceState
+from broker.retention import Pruner
 from broker.settle import Settler
 from broker.supervision import ThreadStatus
 from broker.transport import Doorbell, Transport, WorkerInfo
@@ -68,6 +71,8 @@ class SupabaseBroker(dramatiq.Broker):
         shutdown_timeout_ms: int | None = None,
         max_rescues: int = DEFAULT_MAX_RESCUES,
         unknown_actor_grace_ms: int = DEFAULT_UNKNOWN_ACTOR_GRACE_MS,
+        retain_completed_ms: int | None = None,
+        retain_failed_ms: int | None = None,
     ) -> None:
         if middleware is None:
             middleware = [m() for m in default_middleware if m is not Retries]
@@ -87,6 +92,10 @@ class SupabaseBroker(dramatiq.Broker):
         self.shutdown_timeout_ms = shutdown_timeout_ms
         self.max_rescues = max_rescues
         self.unknown_actor_grace_ms = unknown_actor_grace_ms
+        #: Milliseconds finished jobs are kept (completed and cancelled; failed) before this worker's pruner
+        #: deletes them; None keeps them. With both None the worker does not prune.
+        self.retain_completed_ms = retain_completed_ms
+        self.retain_failed_ms = retain_failed_ms
         self.poll_interval_s = poll_interval_ms / 1000
         #: time.time() of the last consumer iteration: the health check's sign of life.
         self.last_tick = time.time()
@@ -94,12 +103,14 @@ class SupabaseBroker(dramatiq.Broker):
         self.holdings = Holdings()
         self.acks = AckBatcher(transport, self._completed)
         self.settler = Settler(transport, self.holdings, self.acks)
+        self.cancellations = Cancellations(self.holdings)
         self.presence = PresenceState(transport.presence_policy())
         self._consumers: dict[str, list[JobConsumer]] = {}
         self._consumed: set[str] = set()
         self._worker_threads: int | None = None
         self._doorbell: Doorbell | None = None
         self._keeper: Keeper | None = None
+        self._pruner: Pruner | None = None
         #: Cleared at worker shutdown: consumers stop claiming while running jobs finish.
         self.claiming = True
 
@@ -156,6 +167,18 @@ class SupabaseBroker(dramatiq.Broker):
         for queue_name in self.queues:
             self.flush(queue_name)
 
+    def cancel(self, message: Message[Any] | str, reason: str | None = None) -> str:
+        """Cancel a job by its message (or message id): a pending job never runs, a running one is stopped
+        by its worker within about a second and ends `cancelled`. Returns what happened: 'cancelled',
+        'cancelling', the status of a job that had already finished, or 'not_found'."""
+        message_id = message if isinstance(message, str) else message.message_id
+        [outcome] = self.transport.cancel([job_id_for(message_id)], reason)
+        return outcome.outcome
+
+    def cancel_many(self, message_ids: list[str], reason: str | None = None) -> list[CancelOutcome]:
+        """Cancel jobs by their message ids in one call; one outcome per job."""
+        return self.transport.cancel([job_id_for(message_id) for message_id in message_ids], reason)
+
     def join(self, queue_name: str, *, interval: int = 100, timeout: int | None = None) -> None:
         """Wait until the queue has no pending or processing jobs (tests and scripts)."""
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
@@ -181,6 +204,8 @@ class SupabaseBroker(dramatiq.Broker):
     def close(self) -> None:
         """Complete acked jobs, hand back those still held, stop threads, leave the registry, disconnect."""
         self._hand_back_at_close()
+        if self._pruner is not None:
+            self._pruner.stop()
         if self._keeper is not None:
             self._keeper.stop()
         if self._doorbell is not None or self._keeper is not None:
@@ -225,6 +250,8 @@ class SupabaseBroker(dramatiq.Broker):
     def background_threads(self) -> list[ThreadStatus]:
         """The supervised background threads of this process, for the heartbeat file and /health."""
         statuses = [] if self._keeper is None else self._keeper.statuses()
+        if self._pruner is not None:
+            statuses.append(self._pruner.status())
         acks = self.acks.status()
         if acks is not None:
             statuses.append(acks)
@@ -255,8 +282,12 @@ class SupabaseBroker(dramatiq.Broker):
         self.settler.retry(proxy, delay_ms, error, options)
 
     def settle_interrupted(self, proxy: JobProxy) -> None:
-        """A job the broker stopped: lost ones are left alone, shutdown ones go back to the queue."""
-        if proxy.interrupted is ShutdownDeadline and self.holdings.holds(proxy):
+        """A job the broker stopped: lost ones are left alone, shutdown ones go back to the queue, cancelled
+        ones end cancelled."""
+        if proxy.interrupted is JobCancelled and self.holdings.holds(proxy):
+            self.settler.cancel(proxy)
+            self.logger.info("Job %s was cancelled.", proxy.claim.job_id)
+        elif proxy.interrupted is ShutdownDeadline and self.holdings.holds(proxy):
             self.settler.release([proxy])
             self.logger.info(
                 "Job %s was handed back to the queue at the shutdown deadline.", proxy.claim.job_id
@@ -333,7 +364,7 @@ class SupabaseBroker(dramatiq.Broker):
             # The doorbell found out whether this connection can hold a session (LISTEN and a lock): presence
             # follows it (issue 12); before, the policy was the transport's guess, made without a connection.
             self.presence.policy = self.transport.presence_policy()
-            self._keeper = Keeper(
+            keeper = Keeper(
                 self.transport,
                 worker=self.worker_info,
                 holdings=self.holdings,
@@ -342,10 +373,23 @@ class SupabaseBroker(dramatiq.Broker):
                 lease_ms=self.lease_ms,
                 max_rescues=self.max_rescues,
                 doorbell=lambda: self._doorbell,
+                cancellations=self.cancellations,
             )
-        self._keeper.start()
+            # Published only once started: a heartbeat file written in between would call a thread that has
+            # not started yet dead, and /health would fail for it.
+            keeper.start()
+            self._keeper = keeper
+            if self.retain_completed_ms is not None or self.retain_failed_ms is not None:
+                pruner = Pruner(
+                    self.transport, completed_ms=self.retain_completed_ms, failed_ms=self.retain_failed_ms
+                )
+                pruner.start()
+                self._pruner = pruner
         if self._doorbell is not None:
-            self._doorbell.start(self._ring)
+            self._doorbell.start(self._ring, self._cancel_requested)
+
+    def _cancel_requested(self, job_id: str) -> None:
+        self.cancellations.request(job_id)
 
     def _ring(self, queue_name: str | None, run_at_ms: int) -> None:
         with self._lock:

@@ -18,3 +18,7 @@ DEFAULT_MAX_RESCUES = 5
 #: Milliseconds a job naming an actor no worker knows is offered again before it fails, so a rolling deploy
 #: can bring its code (UNKNOWN_ACTOR_GRACE_MS).
 DEFAULT_UNKNOWN_ACTOR_GRACE_MS = 600_000
+#: Days completed and cancelled jobs are kept before the retention deletes them (COMPLETED_RETENTION_DAYS).
+DEFAULT_COMPLETED_RETENTION_DAYS = 7
+#: Days failed jobs (the dead letters) are kept before the retention deletes them (FAILED_RETENTION_DAYS).
+DEFAULT_FAILED_RETENTION_DAYS = 30

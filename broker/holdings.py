@@ -57,6 +57,11 @@ class Holdings:
     def holds(self, proxy: JobProxy) -> bool:
         return self._held.get(proxy.claim.job_id) is proxy
 
+    def find(self, job_id: str) -> JobProxy | None:
+        """The held job with this id, if this worker holds it."""
+        with self._lock:
+            return self._held.get(job_id)
+
     def held(self) -> list[JobProxy]:
         with self._lock:
             return list(self._held.values())
@@ -88,6 +93,15 @@ class Holdings:
     def is_running(self, proxy: JobProxy) -> bool:
         with self._lock:
             return proxy.claim.job_id in self._running
+
+    def mark(self, proxy: JobProxy, exception: type[JobInterrupted]) -> bool:
+        """Mark the job to be stopped for `exception`'s reason without raising it yet (should_stop() turns
+        True); False when it is already being stopped for a reason of its own."""
+        with self._lock:
+            if proxy.interrupted is not None:
+                return False
+            proxy.interrupted = exception
+            return True
 
     def interrupt(self, proxy: JobProxy, exception: type[JobInterrupted]) -> bool:
         """Mark the job interrupted and, if a thread runs it, raise `exception` there; True if it was running.

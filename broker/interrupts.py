@@ -34,11 +34,24 @@ class ShutdownDeadline(JobInterrupted):
     reason = "the worker's shutdown deadline passed"
 
 
+class JobCancelled(JobInterrupted):
+    """Raised in a job whose cancellation was asked for (cancel_jobs, cancel_my_job, broker.cancel); the job
+    ends `cancelled` and is not retried.
+
+    `should_stop()` turns True as soon as the request arrives, and the exception follows CANCEL_GRACE_S later
+    if the job is still running: an actor that checks should_stop() between steps can stop cleanly first.
+    """
+
+    reason = "its cancellation was asked for"
+
+
 def should_stop() -> bool:
-    """True when the job running in this thread has been asked to stop (its claim was lost, shutdown, ...).
+    """True when the job running in this thread has been asked to stop: it was cancelled, its claim was lost,
+    the worker's shutdown deadline passed, ...
 
     Cheap enough to call between any two steps of an actor; an actor that sees True should return (or raise)
-    without doing more work: the job will be settled by whoever holds it now.
+    without doing more work: the broker settles the job as the reason says (a cancelled job ends
+    `cancelled` however the actor returns), and a job whose claim was lost is settled by whoever holds it now.
     """
     check = getattr(_current, "check", None)
     return bool(check is not None and check())

@@ -8,8 +8,9 @@ Two supervised threads:
 - the watchdog (every WATCHDOG_TICK_S, no I/O) stops the jobs this worker can no longer be sure it holds: all
   of them when its presence lapsed (the session that holds its lock dropped and did not come back in time, or
   its heartbeats stopped getting through), and any one whose lease may have run out (the process was frozen).
-  It also enforces the shutdown deadline. Stopping a job raises an exception in its thread, as Dramatiq's
-  TimeLimit does; its late settle is fenced by its claim token anyway.
+  It also enforces the shutdown deadline, and stops cancelled jobs that did not stop by themselves. Stopping
+  a job raises an exception in its thread, as Dramatiq's TimeLimit does; its late settle is fenced by its
+  claim token anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from dramatiq.logging import get_logger
 
+from broker.cancels import Cancellations
 from broker.errors import ConnectionClosed, QueueError
 from broker.holdings import Holdings
 from broker.interrupts import ShutdownDeadline
@@ -54,6 +56,7 @@ class Keeper:
         lease_ms: int,
         max_rescues: int,
         doorbell: Callable[[], Doorbell | None],
+        cancellations: Cancellations | None = None,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.transport = transport
@@ -65,6 +68,7 @@ class Keeper:
         self.lease_ms = lease_ms
         self.max_rescues = max_rescues
         self.doorbell = doorbell
+        self.cancellations = cancellations or Cancellations(holdings)
         #: Monotonic deadline after which running jobs are interrupted and handed back; None until shutdown.
         self.shutdown_deadline: float | None = None
         #: Claims of jobs stopped because presence lapsed: handed back once the worker is registered again.
@@ -140,6 +144,8 @@ class Keeper:
         for proxy in proxies:
             if proxy.claim.job_id not in reply.held and not (proxy.settled or proxy.finishing):
                 self.settler.lose(proxy, "the queue says this worker no longer holds it (rescued or taken)")
+        for job_id in reply.cancel_requested:
+            self.cancellations.request(job_id)  # the doorbell may have missed it: nothing is lost
         if reply.rescued:
             self.logger.warning("Rescued %d job(s) of dead workers or expired leases.", reply.rescued)
             self.holdings.notify_all()
@@ -187,6 +193,7 @@ class Keeper:
         for proxy in held:
             if now > proxy.lease_valid_until:
                 self.settler.lose(proxy, "its lease may have run out (was this process frozen?)")
+        self.cancellations.check(now)
         if self.shutdown_deadline is not None and now >= self.shutdown_deadline:
             self.interrupt_running_for_shutdown()
 

@@ -1,7 +1,8 @@
 """The worker's own connection to PostgreSQL: LISTEN for the doorbell, and the lock that says it lives.
 
 One connection per worker process, held for its whole life (direct or session-pooled connections only):
-- it LISTENs on the queue's channel and rings the consumers for each notification;
+- it LISTENs on the queue's channel and rings the consumers for each notification, and passes on each
+  cancellation (`{"cancel": <job id>}`) so the job's holder stops it at once;
 - it registers the worker with `register_worker(..., 'lock', ...)`, which takes a session advisory lock on
   this very session. PostgreSQL drops the lock the moment the session ends (the process was killed, the
   connection dropped), and that is how other workers know to rescue this worker's jobs within seconds;
@@ -26,7 +27,14 @@ import psycopg
 from dramatiq.logging import get_logger
 
 from broker.supervision import SupervisedThread, ThreadStatus
-from broker.transport import Doorbell, PresenceListener, PresencePolicy, RingCallback, WorkerInfo
+from broker.transport import (
+    CancelCallback,
+    Doorbell,
+    PresenceListener,
+    PresencePolicy,
+    RingCallback,
+    WorkerInfo,
+)
 
 #: The channel the queue's triggers notify on.
 NOTIFY_CHANNEL = "coding_jobs"
@@ -85,17 +93,21 @@ class ListenDoorbell(Doorbell):
         self._reregister = threading.Event()
         self._thread: SupervisedThread | None = None
         self._ring: RingCallback | None = None
+        self._cancel: CancelCallback | None = None
         self._probe: tuple[str, float] | None = None  # (token, monotonic time sent)
         self._heard_at = 0.0
         self._connected_once = False
+        self._started = False
         self._up = False
 
-    def start(self, ring: RingCallback) -> None:
+    def start(self, ring: RingCallback, cancel: CancelCallback | None = None) -> None:
         self._ring = ring
+        self._cancel = cancel
         self._thread = SupervisedThread(
             "queue-listen", self._run, stopping=self._stopping, stale_after_s=self.probe_every_s + 30.0
         )
         self._thread.start()
+        self._started = True
 
     def stop(self) -> None:
         self._stopping.set()
@@ -110,7 +122,8 @@ class ListenDoorbell(Doorbell):
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> ThreadStatus | None:
-        return None if self._thread is None else self._thread.status()
+        # Not before it started: a heartbeat file written in between would call it dead.
+        return self._thread.status() if self._thread is not None and self._started else None
 
     # -- the thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -197,6 +210,13 @@ class ListenDoorbell(Doorbell):
         if isinstance(data, dict) and "probe" in data:
             if self._probe is not None and data["probe"] == self._probe[0]:
                 self._probe = None
+            return
+        if isinstance(data, dict) and "cancel" in data:
+            if self._cancel is not None:
+                try:
+                    self._cancel(str(data["cancel"]))
+                except Exception:
+                    self.logger.exception("Doorbell cancel callback failed")
             return
         queue, run_at = _parse_ring(data)
         self._ring_safely(queue, run_at)

@@ -71,12 +71,13 @@ class JobProxy(MessageProxy):
         return f"<JobProxy {self}>"
 
 
-def job_id_for(message: Message[Any]) -> str:
-    """The row id of a message: its message id when that is a UUID, else a UUID derived from it."""
+def job_id_for(message: Message[Any] | str) -> str:
+    """The row id of a message (or message id): the id when that is a UUID, else a UUID derived from it."""
+    message_id = message if isinstance(message, str) else message.message_id
     try:
-        return str(uuid.UUID(message.message_id))
+        return str(uuid.UUID(message_id))
     except ValueError:
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dramatiq:{message.message_id}"))
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dramatiq:{message_id}"))
 
 
 def new_job(message: Message[Any], *, default_max_retries: int, delay_ms: int = 0) -> NewJob:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from broker.supervision import SupervisedThread, ThreadStatus
-from broker.transport import Doorbell, RingCallback
+from broker.transport import CancelCallback, Doorbell, RingCallback
 
 #: Milliseconds between rings while jobs were claimed recently.
 BUSY_RING_MS = 250
@@ -74,14 +74,16 @@ class PollingDoorbell(Doorbell):
         self._stopping = threading.Event()
         self._thread: SupervisedThread | None = None
 
-    def start(self, ring: RingCallback) -> None:
-        self._thread = SupervisedThread(
+    def start(self, ring: RingCallback, cancel: CancelCallback | None = None) -> None:
+        # Cancellations reach a poll-only worker through its heartbeat (worker_heartbeat's cancel_requested).
+        thread = SupervisedThread(
             "queue-poll",
             lambda: self._run(ring),
             stopping=self._stopping,
             stale_after_s=self.policy.max_interval_s + STALE_MARGIN_S,
         )
-        self._thread.start()
+        thread.start()
+        self._thread = thread  # only once started: a heartbeat file written in between would call it dead
 
     def stop(self) -> None:
         self._stopping.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -20,6 +20,7 @@ from broker.function_pool import (
     translate_error,
 )
 from broker.listen import APPLICATION_NAME, ListenDoorbell
+from broker.operations import SqlArg
 from broker.polling import PollingDoorbell, PollPolicy
 from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
 from broker.transport import (
@@ -201,6 +202,12 @@ class PostgresTransport(Transport):
         query = "select public.release_jobs(%s::uuid[], %s::uuid[])"
         return int(self.calls.value(query, _claims(claims), idempotent=True) or 0)
 
+    def cancel_held(self, claims: Sequence[Claim]) -> set[str]:
+        if not claims:
+            return set()
+        query = "select public.cancel_held_jobs(%s::uuid[], %s::uuid[]) as id"
+        return {str(row["id"]) for row in self.calls.rows(query, _claims(claims), idempotent=True)}
+
     def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
         params = (
             claim.job_id,
@@ -250,6 +257,7 @@ class PostgresTransport(Transport):
             registered=bool(row["registered"]),
             held=frozenset(str(job_id) for job_id in row["held"] or ()),
             rescued=int(row["rescued"] or 0),
+            cancel_requested=frozenset(str(job_id) for job_id in row.get("cancel_requested") or ()),
         )
 
     def deregister_worker(self, worker_id: str) -> None:
@@ -270,9 +278,16 @@ class PostgresTransport(Transport):
                 jobs=int(row["jobs"]),
                 oldest_created_at=row["oldest_created_at"],
                 next_run_at=row["next_run_at"],
+                oldest_due_at=row.get("oldest_due_at"),
             )
             for row in rows
         ]
+
+    def _call_function(self, name: str, args: Mapping[str, SqlArg]) -> list[dict[str, Any]]:
+        # Named notation with a cast per argument; the names and types are the operations module's own.
+        named = ", ".join(f"{key} => %s::{arg.sql_type}" for key, arg in args.items())
+        values = [arg.value for arg in args.values()]
+        return self.calls.rows(f"select * from public.{name}({named})", values, idempotent=True)
 
     def consumers(self) -> dict[str, int]:
         rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)

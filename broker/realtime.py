@@ -31,12 +31,14 @@ from loguru import logger
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import BroadcastPayload, RealtimeChannelOptions
 
-from broker.transport import Doorbell, RingCallback
+from broker.transport import CancelCallback, Doorbell, RingCallback
 
 #: The Broadcast topic the migration's trigger sends to (the wire topic is `realtime:coding_jobs`).
 TOPIC = "coding_jobs"
 #: The Broadcast event name of a doorbell ring.
 RING_EVENT = "ring"
+#: The Broadcast event asking the holder of a job ({"job": <id>}) to stop it.
+CANCEL_EVENT = "cancel"
 #: Seconds before the first rebuild after a failure; doubled per failure up to the maximum.
 INITIAL_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
@@ -81,8 +83,10 @@ class RealtimeDoorbell(Doorbell):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._cancel: CancelCallback | None = None
 
-    def start(self, ring: RingCallback) -> None:
+    def start(self, ring: RingCallback, cancel: CancelCallback | None = None) -> None:
+        self._cancel = cancel
         _quiet_websockets_client()
         self._thread = threading.Thread(target=self._main, args=(ring,), name="queue-realtime", daemon=True)
         self._thread.start()
@@ -159,8 +163,18 @@ class RealtimeDoorbell(Doorbell):
                 "private": True,  # Realtime Authorization decides who may join
             }
         }
+
+        def on_cancel(message: BroadcastPayload) -> None:
+            payload: dict[str, Any] = message.get("payload") or {}
+            if self._cancel is not None and payload.get("job"):
+                try:
+                    self._cancel(str(payload["job"]))
+                except Exception:
+                    logger.exception("Realtime cancel callback failed")
+
         channel = client.channel(self.topic, options)
         channel.on_broadcast(RING_EVENT, on_ring)
+        channel.on_broadcast(CANCEL_EVENT, on_cancel)
         stopping = asyncio.ensure_future(self._wake.wait())
         try:
             # The join waits for the server's reply (or its own timeout); stop() must not wait for either.

@@ -23,7 +23,7 @@ Sharp edges of supabase-py 2.x, and what this module does about them:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from pydantic import SecretStr
 from supabase import Client, ClientOptions, create_client
 
 from broker.errors import ConnectionClosed
+from broker.operations import SqlArg
 from broker.realtime import RealtimeDoorbell
 from broker.rest_errors import RestCallFailed, raise_for_rest_status, translate
 from broker.transport import (
@@ -191,6 +192,11 @@ class RestTransport(Transport):
     def release(self, claims: Sequence[Claim]) -> int:
         return int(self._rpc("release_jobs", _claims(claims))) if claims else 0
 
+    def cancel_held(self, claims: Sequence[Claim]) -> set[str]:
+        if not claims:
+            return set()
+        return {str(job_id) for job_id in self._rpc("cancel_held_jobs", _claims(claims))}
+
     def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:
         params = {
             "job_id": claim.job_id,
@@ -240,6 +246,7 @@ class RestTransport(Transport):
             registered=bool(row["registered"]),
             held=frozenset(str(job_id) for job_id in row["held"] or ()),
             rescued=int(row["rescued"] or 0),
+            cancel_requested=frozenset(str(job_id) for job_id in row.get("cancel_requested") or ()),
         )
 
     def deregister_worker(self, worker_id: str) -> None:
@@ -259,12 +266,17 @@ class RestTransport(Transport):
                 jobs=int(row["jobs"]),
                 oldest_created_at=_parse_time(row["oldest_created_at"]),
                 next_run_at=_parse_time(row["next_run_at"]),
+                oldest_due_at=_parse_time(row.get("oldest_due_at")),
             )
             for row in self._rpc("get_queue_stats")
         ]
 
     def consumers(self) -> dict[str, int]:
         return {row["queue_name"]: int(row["workers"]) for row in self._rpc("get_queue_consumers")}
+
+    def _call_function(self, name: str, args: Mapping[str, SqlArg]) -> list[dict[str, Any]]:
+        rows = self._rpc(name, {key: arg.value for key, arg in args.items()})
+        return list(rows) if isinstance(rows, list) else [rows]
 
     def ping(self, timeout_s: float) -> None:
         self._rpc("queue_ping", client=self._probe_client(timeout_s), idempotent=False)

@@ -62,6 +62,24 @@ class Settler:
             return
         self.let_go(proxy)
 
+    def cancel(self, proxy: JobProxy) -> None:
+        """End a job whose cancellation was asked for as cancelled. Raises ConnectionClosed."""
+        try:
+            if proxy.claim.job_id not in self.transport.cancel_held([proxy.claim]):
+                self.logger.warning(
+                    "Job %s stopped for its cancellation after its claim was lost.", proxy.claim.job_id
+                )
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # Its row says its cancellation was asked for: whoever settles it next (the rescue) cancels it.
+            self.logger.error(
+                "Job %s could not be marked cancelled (%s); letting it go, the rescue will.",
+                proxy.claim.job_id,
+                _why(exc),
+            )
+        self.let_go(proxy)
+
     def postpone(self, proxy: JobProxy, delay_ms: int, note: str, options: dict[str, Any] | None) -> None:
         """Put the job back to pending after `delay_ms`, counting nothing. Raises ConnectionClosed."""
         try:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from broker.operations import QueueOperations
+
 #: How a worker tells the queue it is alive: a session advisory lock that PostgreSQL drops the moment the
 #: session ends (direct or session-pooled connections), or heartbeats (transaction poolers, the REST API).
 PresenceMode = Literal["lock", "heartbeat"]
@@ -15,6 +17,9 @@ PresenceMode = Literal["lock", "heartbeat"]
 #: Called by a doorbell with a queue name and the earliest run time in epoch milliseconds;
 #: a queue name of None means "anything may have changed" (after a (re)subscribe).
 RingCallback = Callable[[str | None, int], None]
+
+#: Called by a doorbell with the id of a job whose cancellation was asked for (its holder stops it).
+CancelCallback = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,6 +98,8 @@ class QueueStat:
     jobs: int
     oldest_created_at: datetime | None
     next_run_at: datetime | None
+    #: Pending jobs only: the run time of the longest-waiting job that is due (delayed jobs do not count).
+    oldest_due_at: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,6 +134,8 @@ class HeartbeatReply:
     held: frozenset[str]
     #: Jobs this heartbeat's rescue returned to the queue (dead workers', expired leases).
     rescued: int
+    #: Ids of the held jobs whose cancellation was asked for (the doorbell may have been missed).
+    cancel_requested: frozenset[str] = frozenset()
 
 
 class PresenceListener(Protocol):
@@ -145,8 +154,9 @@ class Doorbell(abc.ABC):
     """
 
     @abc.abstractmethod
-    def start(self, ring: RingCallback) -> None:
-        """Start listening in the background; call `ring` for each arrival and after each (re)subscribe."""
+    def start(self, ring: RingCallback, cancel: CancelCallback | None = None) -> None:
+        """Start listening in the background; call `ring` for each arrival and after each (re)subscribe,
+        and `cancel` with the id of each job whose cancellation was asked for."""
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -161,8 +171,12 @@ class Doorbell(abc.ABC):
         return True
 
 
-class Transport(abc.ABC):
-    """The queue's operations. Lost connections raise dramatiq.errors.ConnectionClosed."""
+class Transport(QueueOperations, abc.ABC):
+    """The queue's operations. Lost connections raise dramatiq.errors.ConnectionClosed.
+
+    The operator's calls (cancel, list, retry, pause, prune, ...) come from QueueOperations, implemented once
+    over `_call_function`.
+    """
 
     @abc.abstractmethod
     def check_schema(self) -> None:
@@ -197,6 +211,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def release(self, claims: Sequence[Claim]) -> int:
         """Return held jobs that never started to pending, with no retry counted."""
+
+    @abc.abstractmethod
+    def cancel_held(self, claims: Sequence[Claim]) -> set[str]:
+        """End held jobs whose cancellation was asked for as cancelled; returns the ids cancelled by these
+        claims (idempotent per claim, like complete_many)."""
 
     @abc.abstractmethod
     def postpone(self, claim: Claim, delay_ms: int, note: str, options: dict[str, Any] | None) -> bool:

@@ -19,7 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 from health.job_counters import DURATION_BOUNDS_S, ActorJobStats
 from health.monitor import STATUSES
 from health.run_folder import WorkerBeat, process_running, read_beats
-from health.stats_cache import StatsCache
+from health.stats_cache import StatsCache, StatsReading
 
 
 class QueueStatsCollector:
@@ -64,6 +64,7 @@ class QueueStatsCollector:
                     jobs.add_metric([queue_name, status], 0)
         yield jobs
         yield oldest
+        yield from _alerts(reading, sorted(seen))
         consumers = GaugeMetricFamily(
             "queue_consumers",
             "Registered worker processes consuming each queue (0 with jobs pending: nobody runs them).",
@@ -73,6 +74,41 @@ class QueueStatsCollector:
         for queue_name in sorted(set(seen) | set(counted)):
             consumers.add_metric([queue_name], counted.get(queue_name, 0))
         yield consumers
+
+
+def _alerts(reading: StatsReading, queues: list[str]) -> Iterator[Metric]:
+    """What an operator alerts on besides depth: how long due jobs wait, jobs per actor, paused queues."""
+    waiting = GaugeMetricFamily(
+        "queue_oldest_pending_wait_seconds",
+        "How long the longest-waiting due pending job has waited since it was due (jobs delayed into the "
+        "future do not count); 0 when none is due.",
+        labels=["queue"],
+    )
+    due = {s.queue_name: s.oldest_due_at for s in reading.stats if s.status == "pending" and s.oldest_due_at}
+    for queue_name in queues:
+        due_at = due.get(queue_name)
+        wait_s = 0.0 if due_at is None else max(reading.read_at - due_at.timestamp(), 0.0)
+        waiting.add_metric([queue_name], wait_s)
+    yield waiting
+    actors = GaugeMetricFamily(
+        "queue_actor_jobs", "Jobs by queue, actor and status.", labels=["queue", "actor", "status"]
+    )
+    transitions = CounterMetricFamily(
+        "queue_job_transitions",
+        "Jobs that entered each status since the counts began: enqueues and retries (pending), claims "
+        "(processing), completions, failures, cancellations.",
+        labels=["queue", "actor", "status"],
+    )
+    for stat in reading.actors:
+        actors.add_metric([stat.queue_name, stat.actor_name, stat.status], stat.jobs)
+        transitions.add_metric([stat.queue_name, stat.actor_name, stat.status], stat.entered)
+    yield actors
+    yield transitions
+    paused = GaugeMetricFamily("queue_paused", "1 while an operator has paused the queue.", labels=["queue"])
+    paused_names = {p.queue_name for p in reading.paused}
+    for queue_name in sorted(set(queues) | paused_names):
+        paused.add_metric([queue_name], int(queue_name in paused_names))
+    yield paused
 
 
 class WorkerJobsCollector:

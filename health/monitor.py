@@ -15,10 +15,11 @@ from typing import Any
 
 from loguru import logger
 
+from broker.operator_records import JOB_STATUSES
 from health.stats_cache import StatsCache, StatsReading
 
 #: The statuses of public.job_status, in the order a line shows them.
-STATUSES = ("pending", "processing", "completed", "failed")
+STATUSES = JOB_STATUSES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,22 +30,33 @@ class QueueSummary:
     queues: dict[str, dict[str, int]]
     #: status -> jobs over every queue.
     totals: dict[str, int]
-    #: Seconds since the oldest pending job was created; None when nothing is pending.
+    #: Seconds the longest-waiting pending job has waited since it was due (jobs delayed into the future wait
+    #: on purpose and do not count); None when no pending job is due.
     oldest_pending_age_s: float | None
     #: Jobs completed per minute since the previous line; None on the first line.
     jobs_per_minute: float | None
     #: Queues with pending jobs that no registered worker consumes: nobody will ever run them.
     unconsumed: tuple[str, ...] = ()
+    #: Queues paused by an operator (their jobs wait until resumed).
+    paused: tuple[str, ...] = ()
+    #: queue name -> actor name -> status -> jobs (statuses with none left out).
+    actors: dict[str, dict[str, dict[str, int]]] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
-        """The log line's fields: flat numbers to filter on, and the per-queue counts as JSON."""
+        """The log line's fields: flat numbers to filter on, the per-queue and per-actor counts as JSON."""
         return {
             **self.totals,
-            "queues": json.dumps(self.queues, separators=(",", ":"), sort_keys=True),
+            "queues": _compact(self.queues),
+            "actors": _compact(self.actors) if self.actors else None,
             "oldest_pending_age_s": self.oldest_pending_age_s,
             "jobs_per_minute": self.jobs_per_minute,
             "unconsumed_queues": ",".join(self.unconsumed) or None,
+            "paused_queues": ",".join(self.paused) or None,
         }
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSummary:
@@ -54,8 +66,8 @@ def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSumm
     for stat in reading.stats:
         queues[stat.queue_name][stat.status] = stat.jobs
         totals[stat.status] = totals.get(stat.status, 0) + stat.jobs
-        if stat.status == "pending" and stat.oldest_created_at is not None:
-            oldest_pending = min(oldest_pending or stat.oldest_created_at, stat.oldest_created_at)
+        if stat.status == "pending" and stat.oldest_due_at is not None:
+            oldest_pending = min(oldest_pending or stat.oldest_due_at, stat.oldest_due_at)
     oldest_age_s = None
     if oldest_pending is not None:
         oldest_age_s = round(max(reading.read_at - oldest_pending.timestamp(), 0.0), 3)
@@ -63,16 +75,27 @@ def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSumm
     unconsumed = tuple(
         sorted(q for q, counts in queues.items() if counts.get("pending") and q not in consumed)
     )
+    actors: dict[str, dict[str, dict[str, int]]] = {}
+    for actor in reading.actors:
+        if actor.jobs:
+            by_status = actors.setdefault(actor.queue_name, {}).setdefault(actor.actor_name, {})
+            by_status[actor.status] = actor.jobs
     return QueueSummary(
         queues=dict(queues),
         totals=totals,
         oldest_pending_age_s=oldest_age_s,
         jobs_per_minute=_jobs_per_minute(reading, previous),
         unconsumed=unconsumed,
+        paused=tuple(sorted(p.queue_name for p in reading.paused)),
+        actors=actors,
     )
 
 
 def _completed(reading: StatsReading) -> int:
+    """Jobs completed so far: the counter of completions when the reading has it (retention deleting old rows
+    does not lower it), else the completed rows."""
+    if reading.actors:
+        return sum(actor.entered for actor in reading.actors if actor.status == "completed")
     return sum(stat.jobs for stat in reading.stats if stat.status == "completed")
 
 
@@ -110,7 +133,10 @@ class QueueMonitor:
         rate = "n/a" if summary.jobs_per_minute is None else f"{summary.jobs_per_minute:g}"
         oldest = "none" if summary.oldest_pending_age_s is None else f"{summary.oldest_pending_age_s:.1f} s"
         counts = ", ".join(f"{summary.totals.get(status, 0)} {status}" for status in STATUSES)
-        log.bind(**summary.fields()).info("Queue: {}; oldest pending {}; {} jobs/min", counts, oldest, rate)
+        paused = f"; paused: {', '.join(summary.paused)}" if summary.paused else ""
+        log.bind(**summary.fields()).info(
+            "Queue: {}; oldest pending {}; {} jobs/min{}", counts, oldest, rate, paused
+        )
         for queue in summary.unconsumed:
             pending = summary.queues[queue].get("pending", 0)
             logger.bind(event="queue_unconsumed", queue=queue, pending=pending).warning(

@@ -1,4 +1,5 @@
-"""One cached get_queue_stats() read, shared by /metrics and the queue monitor."""
+"""One cached read of the queue's statistics, shared by /metrics and the queue monitor: get_queue_stats(),
+get_actor_stats(), get_queue_consumers() and get_paused_queues(), each flat in the history's size."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from broker.operator_records import ActorStat, PausedQueue
 from broker.transport import QueueStat, Transport
 from health.background_call import BackgroundCall
 from service.settings import DEFAULT_READINESS_TIMEOUT_MS
@@ -23,6 +25,10 @@ class StatsReading:
     error: str | None = None
     #: Registered workers per queue they consume.
     consumers: tuple[tuple[str, int], ...] = ()
+    #: Jobs by queue, actor and status.
+    actors: tuple[ActorStat, ...] = ()
+    #: Queues no worker claims from until they are resumed.
+    paused: tuple[PausedQueue, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -81,7 +87,11 @@ class StatsCache:
         try:
             stats = tuple(self.transport.stats())
             consumers = tuple(sorted(self.transport.consumers().items()))
+            actors = tuple(self.transport.actor_stats())
+            paused = tuple(self.transport.paused_queues())
         except Exception as exc:
             # Any failure, not only ConnectionClosed: a probe must answer, and the monitor must keep going.
             return StatsReading(stats=(), read_at=time.time(), error=f"{type(exc).__name__}: {exc}")
-        return StatsReading(stats=stats, read_at=time.time(), consumers=consumers)
+        return StatsReading(
+            stats=stats, read_at=time.time(), consumers=consumers, actors=actors, paused=paused
+        )

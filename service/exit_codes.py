@@ -13,3 +13,5 @@ EXIT_CONFIGURATION = 2
 EXIT_UNREACHABLE = 3
 #: `python -m service.migrate` could not apply the migrations: the database refused one.
 EXIT_MIGRATION_FAILED = 1
+#: The operator CLI: the queue refused what was asked (no such job, a filter it does not take).
+EXIT_REFUSED = 1

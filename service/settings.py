@@ -21,6 +21,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.defaults import (
+    DEFAULT_COMPLETED_RETENTION_DAYS,
+    DEFAULT_FAILED_RETENTION_DAYS,
     DEFAULT_LEASE_MS,
     DEFAULT_MAX_RESCUES,
     DEFAULT_POLL_INTERVAL_MS,
@@ -104,6 +106,10 @@ class Settings(BaseSettings):
     max_rescues: int = Field(DEFAULT_MAX_RESCUES, ge=1, le=1_000)
     #: How long a job naming an actor no worker knows is offered again before it fails (rolling deploys).
     unknown_actor_grace_ms: int = Field(DEFAULT_UNKNOWN_ACTOR_GRACE_MS, ge=0, le=86_400_000)
+    #: Days completed and cancelled jobs are kept; the workers delete older ones. 0 keeps them forever.
+    completed_retention_days: int = Field(DEFAULT_COMPLETED_RETENTION_DAYS, ge=0, le=36_500)
+    #: Days failed jobs (the dead letters) are kept; the workers delete older ones. 0 keeps them forever.
+    failed_retention_days: int = Field(DEFAULT_FAILED_RETENTION_DAYS, ge=0, le=36_500)
     health_check_port: int = Field(DEFAULT_HEALTH_CHECK_PORT, ge=1, le=65535)
     #: Folder where worker processes write heartbeat files for the health server; empty means `.data/run`
     #: in development and test, `/tmp/worker-run` otherwise. Worker and health server must agree on it.
@@ -116,6 +122,10 @@ class Settings(BaseSettings):
     readiness_timeout_ms: int = Field(DEFAULT_READINESS_TIMEOUT_MS, ge=100, le=60_000)
     #: How often the queue monitor logs one line of queue statistics.
     queue_stats_interval_ms: int = Field(30_000, ge=100, le=86_400_000)
+    #: Port of the operator's dashboard; empty: no dashboard.
+    dashboard_port: int | None = Field(None, ge=1, le=65535)
+    #: The token that allows the dashboard's actions (retry, cancel, pause); empty: a read-only dashboard.
+    dashboard_token: SecretStr | None = None
     log_level: LogLevel = LogLevel.info
     app_env: AppEnv = AppEnv.development
 
@@ -164,6 +174,8 @@ class Settings(BaseSettings):
             problems.append(
                 ("database_url", "required outside development (or set SUPABASE_URL and the key)")
             )
+        if self.dashboard_port is not None and self.dashboard_port == self.health_check_port:
+            problems.append(("dashboard_port", "must differ from HEALTH_CHECK_PORT"))
         return problems
 
     @property

@@ -10,6 +10,7 @@ from dramatiq.middleware import GroupCallbacks
 from dramatiq.results import Results
 
 from broker.broker import SupabaseBroker
+from broker.retention import retention_ms
 from service.settings import Settings
 from service.transports import build_transport
 
@@ -25,6 +26,8 @@ def build_broker(settings: Settings) -> SupabaseBroker:
         shutdown_timeout_ms=settings.shutdown_timeout_ms,
         max_rescues=settings.max_rescues,
         unknown_actor_grace_ms=settings.unknown_actor_grace_ms,
+        retain_completed_ms=retention_ms(settings.completed_retention_days),
+        retain_failed_ms=retention_ms(settings.failed_retention_days),
     )
     add_result_backends(broker)
     return broker

@@ -70,7 +70,7 @@ broker.add_middleware(CurrentMessage())
 broker.add_middleware(JobLogContext(worker_id=broker.worker_id), before=type(broker.middleware[0]))
 # Heartbeat files for liveness and metrics; the health server runs as a dramatiq fork of this CLI.
 broker.add_middleware(Heartbeat(settings, broker))
-broker.add_middleware(HealthServer())
+broker.add_middleware(HealthServer(dashboard=settings.dashboard_port is not None))
 # Last, so that its process_boot hook runs first (after-hooks run in reverse): nothing starts before it.
 broker.add_middleware(StartupChecks(settings, broker.transport, health_port=settings.health_check_port))
 

@@ -270,6 +270,35 @@ def test_the_cli_serves_health_ready_and_metrics_from_its_fork(
     assert_all_json(cli)
 
 
+def test_the_cli_serves_the_dashboard_from_a_fork_of_its_own_when_asked(
+    db: Rows, database_url: str, run_dir: Path, workers: WorkerProcesses
+) -> None:
+    # Given the container's command with DASHBOARD_PORT set (and no token: a read-only dashboard)
+    port, dashboard_port = free_port(), free_port()
+    insert_edge_jobs(db, 1)
+    db.execute("select * from public.pause_queue('default', 'checking the dashboard')")
+    cli = workers.launch(health_env(database_url, run_dir, port, dashboard_port=dashboard_port))
+    wait_for(lambda: healthy_workers(port, 1), BOOT_S, "/health 200")
+
+    # Then the dashboard answers on its own port, showing the queue, and refuses actions
+    _, page = wait_until(lambda: (found := get(dashboard_port, "/"))[0] == 200 and found, BOOT_S)
+    assert "default" in page and "checking the dashboard" in page and "Read-only" in page
+    refused = urllib.request.Request(
+        f"http://127.0.0.1:{dashboard_port}/actions/resume", data=b"queue=default", method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(refused, timeout=5)
+    assert error.value.code == 403
+    error.value.close()
+
+    # When the CLI is stopped, the dashboard stops with it; every line was JSON
+    code, _ = cli.stop(signal.SIGTERM, STOP_S)
+    assert code == 0, cli.tail()
+    assert port_closed(dashboard_port) and port_closed(port)
+    cli.wait_for_line(r"Starting the dashboard", 1)
+    assert_all_json(cli)
+
+
 def test_the_health_server_stays_up_until_the_workers_have_stopped(
     db: Rows, database_url: str, run_dir: Path, workers: WorkerProcesses
 ) -> None:

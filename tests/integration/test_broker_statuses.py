@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.broker import ACTIVE_STATUSES
+from broker.operator_records import FINISHED_STATUSES, JOB_STATUSES
 from health.monitor import STATUSES
 from tests.support.brokers import Db
 
@@ -15,7 +16,8 @@ def database_statuses(db: Db) -> list[str]:
 
 def test_the_statuses_python_knows_are_the_database_enum(db: Db) -> None:
     statuses = database_statuses(db)
-    assert statuses == ["pending", "processing", "completed", "failed"]
+    assert statuses == ["pending", "processing", "completed", "failed", "cancelled"]
     assert set(STATUSES) == set(statuses)
+    assert tuple(statuses) == JOB_STATUSES
     # join() waits while a queue has jobs in these statuses: the ones that are not final
-    assert set(statuses) - {"completed", "failed"} == ACTIVE_STATUSES
+    assert set(statuses) - FINISHED_STATUSES == ACTIVE_STATUSES

@@ -27,9 +27,24 @@ QUEUE_FUNCTIONS = {
     "rerun_failed_jobs",
     "purge_queue",
     "get_queue_stats",
+    # the operator's (issue 8)
+    "cancel_jobs",
+    "cancel_held_jobs",
+    "list_jobs",
+    "get_job",
+    "retry_jobs",
+    "pause_queue",
+    "resume_queue",
+    "get_paused_queues",
+    "prune_jobs",
+    "get_actor_stats",
+    "get_queue_history",
+    "get_workers",
 }
+#: Functions a signed-in user calls through PostgREST with their own JWT; they check auth.uid() themselves.
+USER_FUNCTIONS = {"cancel_my_job"}
 #: The job statuses, in the database's order; a Python enum of them must list the same.
-JOB_STATUSES = ["pending", "processing", "completed", "failed"]
+JOB_STATUSES = ["pending", "processing", "completed", "failed", "cancelled"]
 PUBLIC_ROLES = ("anon", "authenticated")
 
 
@@ -93,6 +108,8 @@ def test_public_roles_cannot_execute_any_queue_function(db: Connection, role: st
     functions = public_functions(db)
 
     for function in functions:
+        if role == "authenticated" and function.name in USER_FUNCTIONS:
+            continue  # the one thing a signed-in user may do; test_a_user_cancels_only_their_own_job
         allowed = db.execute(
             "select has_function_privilege(%s, %s::oid, 'execute') as allowed", (role, function.oid)
         ).fetchone()
@@ -157,7 +174,7 @@ def test_service_role_can_call_every_queue_function(db: Connection) -> None:
 
     called = set()
     for function in functions:
-        if function.is_trigger:
+        if function.is_trigger or function.name in USER_FUNCTIONS:
             continue
         try:
             run_as(db, "service_role", function.call())
@@ -182,3 +199,57 @@ def test_job_status_enum_matches_the_database(db: Connection) -> None:
     row = db.execute("select enum_range(null::public.job_status)::text[] as statuses").fetchone()
 
     assert row == {"statuses": JOB_STATUSES}
+
+
+def as_user(db: Connection, user_id: uuid.UUID | None, statement: str, params: tuple[object, ...]) -> object:
+    """Run one statement as `authenticated` with this user's JWT claims, as PostgREST would; its value."""
+    with db.transaction():
+        db.execute("set local role authenticated")
+        if user_id is not None:
+            claims = {"sub": str(user_id), "role": "authenticated"}
+            db.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+        row = db.execute(statement, params).fetchone()
+        return None if row is None else next(iter(row.values()))
+
+
+def test_a_user_cancels_only_their_own_job(db: Connection) -> None:
+    # Given a pending job of Alice's
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    job_id = insert_job(db, alice)
+
+    # When Bob tries to cancel it, he hears that no such job exists; without a user the call is refused
+    assert as_user(db, bob, "select public.cancel_my_job(%s)", (job_id,)) == "not_found"
+    with pytest.raises(InsufficientPrivilege):
+        as_user(db, None, "select public.cancel_my_job(%s)", (job_id,))
+    assert db.execute("select status::text from public.coding_jobs where id = %s", (job_id,)).fetchone() == {
+        "status": "pending"
+    }
+
+    # Then Alice can, and a signed-in user still cannot call the service's cancellation
+    assert as_user(db, alice, "select public.cancel_my_job(%s)", (job_id,)) == "cancelled"
+    with pytest.raises(InsufficientPrivilege):
+        as_user(db, alice, "select * from public.cancel_jobs(array[%s]::uuid[])", (job_id,))
+
+
+def test_user_functions_are_security_definer_with_an_empty_search_path(db: Connection) -> None:
+    rows = db.execute(
+        """
+        select p.proname as name, p.proconfig as config,
+               has_function_privilege('authenticated', p.oid, 'execute') as authenticated,
+               has_function_privilege('anon', p.oid, 'execute') as anon,
+               has_function_privilege('service_role', p.oid, 'execute') as service_role
+          from pg_proc p
+         where p.pronamespace = 'public'::regnamespace and p.prosecdef
+        """
+    ).fetchall()
+    definers = {str(row["name"]): row for row in rows}
+
+    assert definers.keys() >= USER_FUNCTIONS
+    for name, row in definers.items():
+        assert row["config"] == ['search_path=""'], name
+    for name in USER_FUNCTIONS:
+        assert (definers[name]["authenticated"], definers[name]["anon"], definers[name]["service_role"]) == (
+            True,
+            False,
+            False,
+        )

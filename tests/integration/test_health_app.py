@@ -330,6 +330,7 @@ def test_metrics_show_queue_depth_and_job_counts(
     assert depth[(("queue", "default"), ("status", "processing"))] == 1
     assert depth[(("queue", "default"), ("status", "completed"))] == 0
     assert depth[(("queue", "default"), ("status", "failed"))] == 0
+    assert depth[(("queue", "default"), ("status", "cancelled"))] == 0
     assert samples["queue_stats_up"][()] == 1
     # And the counts are summed over the worker processes
     labels = (("actor", "run_coding_job"), ("queue", "default"))
@@ -475,9 +476,11 @@ def test_the_monitor_logs_counts_oldest_pending_and_rate(
 
     # Then each line has the counts, the oldest pending job's age and (from the second on) a rate
     assert first is not None and second is not None
-    assert first.totals == {"pending": 4, "processing": 0, "completed": 0, "failed": 0}
+    assert first.totals == {"pending": 4, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0}
     assert first.jobs_per_minute is None
-    assert second.queues == {"default": {"pending": 2, "processing": 0, "completed": 2, "failed": 0}}
+    assert second.queues == {
+        "default": {"pending": 2, "processing": 0, "completed": 2, "failed": 0, "cancelled": 0}
+    }
     assert second.jobs_per_minute is not None and second.jobs_per_minute > 0
     assert second.oldest_pending_age_s is not None and 0 <= second.oldest_pending_age_s < 60
     lines = [record for record in log_records if record["extra"].get("event") == "queue_stats"]
@@ -505,6 +508,49 @@ def test_a_queue_with_pending_jobs_and_no_consumer_is_reported(
     assert "'defualt' has 1 pending job(s)" in warning["message"]
     consumers = metrics(client_for(run_dir, pg_transport))["queue_consumers"]
     assert consumers[(("queue", "defualt"),)] == 0 and consumers[(("queue", "default"),)] == 1
+
+
+def test_metrics_and_the_monitor_show_what_operators_alert_on(
+    db: Rows, run_dir: Path, pg_transport: PostgresTransport, log_records: list[Record]
+) -> None:
+    # Given a job that fell due two minutes ago, one delayed into the future (created long ago), a paused
+    # queue, and jobs of two actors
+    db.execute(
+        "insert into public.coding_jobs (prompt, run_at, created_at) values"
+        " ('due', now() - interval '2 minutes', now() - interval '3 minutes'),"
+        " ('delayed', now() + interval '1 hour', now() - interval '1 day')"
+    )
+    db.execute(
+        "insert into public.coding_jobs (prompt, queue_name, actor_name) values ('x', 'mail', 'send_mail')"
+    )
+    db.execute("select * from public.pause_queue('mail', 'provider outage')")
+
+    samples = metrics(client_for(run_dir, pg_transport))
+    summary = QueueMonitor(StatsCache(pg_transport, 0), interval_ms=30_000).log_once()
+
+    # Then the wait counts from when the due job fell due, and the delayed job does not count
+    wait = samples["queue_oldest_pending_wait_seconds"]
+    assert 110 <= wait[(("queue", "default"),)] < 200
+    assert summary is not None and summary.oldest_pending_age_s is not None
+    assert 110 <= summary.oldest_pending_age_s < 200
+    # jobs per actor and status, a counter of transitions, and the paused queue
+    actors = samples["queue_actor_jobs"]
+    assert actors[(("actor", "run_coding_job"), ("queue", "default"), ("status", "pending"))] == 2
+    assert actors[(("actor", "send_mail"), ("queue", "mail"), ("status", "pending"))] == 1
+    assert (
+        samples["queue_job_transitions_total"][
+            (("actor", "send_mail"), ("queue", "mail"), ("status", "pending"))
+        ]
+        == 1
+    )
+    assert samples["queue_paused"] == {(("queue", "default"),): 0, (("queue", "mail"),): 1}
+    assert summary.paused == ("mail",)
+    assert summary.actors == {
+        "default": {"run_coding_job": {"pending": 2}},
+        "mail": {"send_mail": {"pending": 1}},
+    }
+    [line] = [r for r in log_records if r["extra"].get("event") == "queue_stats"]
+    assert "paused: mail" in line["message"] and line["extra"]["paused_queues"] == "mail"
 
 
 def test_the_monitor_reports_an_unreachable_database(database_url: str, log_records: list[Record]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from loguru import logger
 from psycopg.types.json import Jsonb
 
-from broker.realtime import RING_EVENT, TOPIC, RealtimeDoorbell
+from broker.realtime import CANCEL_EVENT, RING_EVENT, TOPIC, RealtimeDoorbell
 from broker.rest import RestTransport
 from tests.support.realtime_server import RealtimeServer
 
@@ -223,3 +223,37 @@ def test_inserts_broadcast_one_small_ring_per_queue_and_statement(
     ]
     assert all(set(r["payload"]) == {"queue", "run_at"} for r in sent)
     assert all(abs(r["payload"]["run_at"] / 1000 - time.time()) < 60 for r in sent)
+
+
+def test_a_cancellation_is_broadcast_and_the_doorbell_passes_it_on(
+    server: RealtimeServer, doorbell: RealtimeDoorbell, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    # Given Supabase's realtime.send, recording what it would send, and a running job
+    db.execute("create schema realtime")
+    db.execute("create table realtime.sent (payload jsonb, event text, topic text, private boolean)")
+    db.execute(
+        "create function realtime.send(payload jsonb, event text, topic text, private boolean default true)"
+        " returns void language sql"
+        " as $$ insert into realtime.sent values (payload, event, topic, private) $$"
+    )
+    db.execute("select public.register_worker('rt', 'heartbeat', 60000)")
+    job_id = db.execute("insert into public.coding_jobs (prompt) values ('x') returning id").fetchone()["id"]  # type: ignore[index]
+    db.execute("select * from public.claim_jobs('rt', 'default', 1, 60000, %s::uuid)", (str(uuid.uuid4()),))
+
+    # When the service cancels it
+    db.execute("select * from public.cancel_jobs(array[%s]::uuid[])", (job_id,))
+
+    # Then a `cancel` event naming only the job went out on the private topic
+    [sent] = db.execute("select * from realtime.sent where event = %s", (CANCEL_EVENT,)).fetchall()
+    assert (sent["payload"], sent["topic"], sent["private"]) == ({"job": str(job_id)}, TOPIC, True)
+
+    # And a worker's doorbell that hears it passes the job's id on (and rings nothing)
+    cancels: list[str] = []
+    rings = Rings()
+    doorbell.start(rings, cancels.append)
+    rings.wait_for(1)
+    server.broadcast(CANCEL_EVENT, sent["payload"])
+    deadline = time.monotonic() + DEADLINE_S
+    while not cancels and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cancels == [str(job_id)] and rings.calls == [(None, 0)]

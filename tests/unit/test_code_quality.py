@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 #: The service's packages; tests and benchmarks are linted by ruff but not type-checked strictly.
-PACKAGES = ("broker", "health", "jobs", "service", "tasks", "worker")
+PACKAGES = ("broker", "health", "jobs", "ops", "service", "tasks", "worker")
 
 
 def run(*command: str, timeout_s: float) -> subprocess.CompletedProcess[str]:

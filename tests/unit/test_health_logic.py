@@ -6,6 +6,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from broker.operator_records import ActorStat
 from broker.transport import QueueStat
 from health.job_counters import DURATION_BOUNDS_S, ActorJobStats, JobCounters
 from health.liveness import assess
@@ -71,21 +72,56 @@ def test_a_duration_on_a_bound_falls_in_that_bucket() -> None:
 
 def _reading(read_at: float, **jobs: int) -> StatsReading:
     created = datetime.fromtimestamp(read_at, UTC) - timedelta(seconds=90)
+    due = created + timedelta(seconds=30)
     return StatsReading(
-        stats=tuple(QueueStat("default", status, count, created, None) for status, count in jobs.items()),
+        stats=tuple(
+            QueueStat("default", status, count, created, None, due if status == "pending" else None)
+            for status, count in jobs.items()
+        ),
         read_at=read_at,
     )
 
 
-def test_the_summary_has_counts_the_oldest_pending_age_and_a_rate() -> None:
+def test_the_summary_has_counts_the_oldest_pending_wait_and_a_rate() -> None:
     first = summarize(_reading(1000.0, pending=5, completed=10), None)
     second = summarize(_reading(1030.0, pending=2, completed=16), _reading(1000.0, pending=5, completed=10))
 
     assert first.jobs_per_minute is None
-    assert first.totals == {"pending": 5, "processing": 0, "completed": 10, "failed": 0}
-    assert first.oldest_pending_age_s == 90.0
+    assert first.totals == {"pending": 5, "processing": 0, "completed": 10, "failed": 0, "cancelled": 0}
+    # Waiting since it fell due (60 s ago), not since it was created (90 s ago)
+    assert first.oldest_pending_age_s == 60.0
     assert second.jobs_per_minute == 12.0
-    assert second.queues == {"default": {"pending": 2, "processing": 0, "completed": 16, "failed": 0}}
+    assert second.queues == {
+        "default": {"pending": 2, "processing": 0, "completed": 16, "failed": 0, "cancelled": 0}
+    }
+
+
+def test_jobs_delayed_into_the_future_do_not_count_as_waiting() -> None:
+    # Given a queue whose only pending jobs are delayed (none is due), created long ago
+    created = datetime.fromtimestamp(1000.0, UTC) - timedelta(hours=2)
+    reading = StatsReading(
+        stats=(QueueStat("later", "pending", 3, created, created + timedelta(hours=5), None),),
+        read_at=1000.0,
+    )
+
+    # Then nothing waits: an alert on the oldest pending age must not fire for them
+    assert summarize(reading, None).oldest_pending_age_s is None
+
+
+def test_the_rate_comes_from_the_completion_counter_when_retention_deletes_rows() -> None:
+    # Given two readings between which 6 jobs completed and the retention deleted 10 old completed rows
+    def reading(read_at: float, rows: int, ever: int) -> StatsReading:
+        return StatsReading(
+            stats=(QueueStat("default", "completed", rows, None, None),),
+            read_at=read_at,
+            actors=(ActorStat("default", "work", "completed", rows, ever),),
+        )
+
+    summary = summarize(reading(1030.0, 6, 16), reading(1000.0, 10, 10))
+
+    # Then the rate counts the completions, not the rows left
+    assert summary.jobs_per_minute == 12.0
+    assert summary.actors == {"default": {"work": {"completed": 6}}}
 
 
 def test_no_rate_from_the_same_cached_read_or_a_shrinking_count() -> None:

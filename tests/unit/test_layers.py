@@ -1,8 +1,9 @@
 """The house's layers, checked from the source: imports point downward, no cycles, each default once.
 
 Floors, top to bottom: `tasks` (the entry point the CLI and producers import) -> `worker` (the worker
-process's own middleware) -> `health` (the health server, reading shared state) and `jobs` (job logic)
--> `service` (settings, logs, wiring) -> `broker` (the broker and its transports) -> SQL. Imports inside
+process's own middleware) and `ops` (the operator's CLI) -> `health` (the health server and the dashboard,
+reading shared state) and `jobs` (job logic) -> `service` (settings, logs, wiring) -> `broker` (the broker
+and its transports) -> SQL. Imports inside
 functions and under TYPE_CHECKING count: a cycle hidden there is still a cycle.
 """
 
@@ -16,7 +17,7 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Each package's floor; an import may only reach a lower floor (or its own package).
-FLOORS = {"tasks": 5, "worker": 4, "health": 3, "jobs": 3, "service": 2, "broker": 1}
+FLOORS = {"tasks": 5, "worker": 4, "ops": 4, "health": 3, "jobs": 3, "service": 2, "broker": 1}
 #: The worker's internals: health reads heartbeat files and the transport's stats, never these.
 WORKER_INTERNALS = (
     "broker.broker",

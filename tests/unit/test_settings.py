@@ -284,3 +284,23 @@ def test_without_pgserver_the_embedded_database_says_how_to_get_it(
 
     with pytest.raises(EmbeddedDatabaseUnavailable, match=r"supabase-queue-worker\[embedded\]"):
         start_embedded_postgres(tmp_path / "postgres")
+
+
+def test_the_operator_settings_default_to_a_week_a_month_and_no_dashboard() -> None:
+    settings = load_settings()
+
+    assert (settings.completed_retention_days, settings.failed_retention_days) == (7, 30)
+    assert settings.dashboard_port is None and settings.dashboard_token is None
+
+
+def test_the_dashboard_needs_a_port_of_its_own_and_its_token_stays_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert problems_of(monkeypatch, DASHBOARD_PORT="8080") == [
+        "DASHBOARD_PORT: must differ from HEALTH_CHECK_PORT"
+    ]
+
+    monkeypatch.setenv("DASHBOARD_PORT", "8081")
+    monkeypatch.setenv("DASHBOARD_TOKEN", "a-dashboard-token")
+    settings = load_settings()
+    assert "a-dashboard-token" not in repr(settings) and "a-dashboard-token" not in str(settings)
