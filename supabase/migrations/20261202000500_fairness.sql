@@ -160,7 +160,7 @@ begin
       select j.user_id, count(*) as n from public.coding_jobs j
        where j.status = 'processing' and j.user_id in (select f.user_id from fetched f) group by j.user_id
     ), judged as (
-      select c.*, coalesce(r.n, 0) + row_number() over (
+      select c.*, coalesce(r.n, 0) as running, coalesce(r.n, 0) + row_number() over (
                     partition by c.user_id order by c.priority desc, c.created_at, c.id) as slot
         from fetched c
         left join running r on r.user_id = c.user_id
@@ -181,15 +181,18 @@ begin
                                         ::public.coding_jobs_candidate
                                       order by t.tier desc, t.slot, t.created_at, t.id), '{}') from top t),
            (select coalesce(array_agg(l.user_id), '{}') from locked l),
+           -- users with more candidates than this claim can take of theirs (their cap, or the whole claim)
            (select coalesce(array_agg(distinct j.user_id), '{}') from judged j
-             where j.user_id is not null and v_caps[j.priority + 1] is not null and j.slot > v_caps[j.priority + 1]),
+             where j.user_id is not null
+               and (j.slot > v_caps[j.priority + 1] or j.slot - j.running > p_limit)),
            (select coalesce(bool_or(f.in_window >= candidates_per_tier), false) from fetched f),
            (select count(distinct k.user_id) + count(*) filter (where k.user_id is null) from kept k)
       into v_kept, v_top, v_locked, v_saturated, v_windows_full, v_users;
     -- Enough users to fill the claim (a user not fetched has only jobs younger than theirs), nobody left out,
     -- or nothing more to fetch.
     exit when v_users >= p_limit or cardinality(v_saturated) = 0 or not v_windows_full or round = fetch_rounds;
-    v_fixed := array(select c from unnest(v_kept) c where c.user_id = any(v_saturated));
+    v_fixed := array(select row(c.id, c.user_id, c.priority, c.created_at, c.run_at)::public.coding_jobs_candidate
+                       from unnest(v_kept) c where c.user_id = any(v_saturated));
     v_full := v_full || v_saturated;
   end loop;
 
