@@ -29,7 +29,7 @@ from broker.holdings import Holdings
 from broker.interrupts import JobInterrupted, ShutdownDeadline, set_stop_check
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
-from broker.messages import JobProxy, error_text, new_job, stored_options
+from broker.messages import IDEMPOTENCY_KEY_OPTION, JobProxy, error_text, new_job, stored_options
 from broker.presence import PresenceState
 from broker.settle import Settler
 from broker.supervision import ThreadStatus
@@ -130,9 +130,13 @@ class SupabaseBroker(dramatiq.Broker):
         if isinstance(message, JobProxy) and self.holdings.holds(message):
             return self._retry(message, delay or 0)
         self.emit_before("enqueue", message, delay)
-        self.transport.enqueue(
-            [new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)]
-        )
+        job = new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)
+        if job.options.get(IDEMPOTENCY_KEY_OPTION) is None:
+            self.transport.enqueue([job])
+        else:
+            holder = self.transport.enqueue_unique(job)
+            if holder != job.id:  # the key's job already exists: the caller gets that one
+                message = message.copy(message_id=holder)
         self.emit_after("enqueue", message, delay)
         return message
 

@@ -101,6 +101,10 @@ class PostgresTransport(Transport):
         payload = Jsonb([job.as_json() for job in jobs])
         return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=True) or 0)
 
+    def enqueue_unique(self, job: NewJob) -> str:
+        query = "select public.enqueue_unique_job(%s)"
+        return str(self.calls.value(query, (Jsonb(job.as_json()),), idempotent=True))
+
     def claim(
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
     ) -> list[ClaimedJob]:

@@ -157,6 +157,9 @@ class RestTransport(Transport):
         # Ids make a repeat harmless: a message id seen before is ignored.
         return int(self._rpc("enqueue_jobs", {"p_jobs": [job.as_json() for job in jobs]}))
 
+    def enqueue_unique(self, job: NewJob) -> str:
+        return str(self._rpc("enqueue_unique_job", {"p_job": job.as_json()}))
+
     def claim(
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
     ) -> list[ClaimedJob]:

@@ -173,6 +173,14 @@ class Transport(abc.ABC):
         """Insert messages; an id seen before is ignored. Returns how many were inserted."""
 
     @abc.abstractmethod
+    def enqueue_unique(self, job: NewJob) -> str:
+        """Insert one message that carries an idempotency key; returns the id of the job that holds it.
+
+        That is the new row, the row of the same message id sent before, or the pending or running job that
+        already holds the key.
+        """
+
+    @abc.abstractmethod
     def claim(
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
     ) -> list[ClaimedJob]:
