@@ -18,11 +18,13 @@ from broker.transport import (
     Doorbell,
     HeartbeatReply,
     NewJob,
+    PlanStat,
     PresenceListener,
     PresencePolicy,
     QueueStat,
     Transport,
     WorkerInfo,
+    plan_stat,
 )
 
 #: Seconds a new connection may take to open.
@@ -204,6 +206,10 @@ class PostgresTransport(Transport):
             )
             for row in rows
         ]
+
+    def fairness(self) -> list[PlanStat]:
+        rows = self.calls.rows("select * from public.get_fairness_stats()", (), idempotent=True)
+        return [plan_stat(row) for row in rows]
 
     def consumers(self) -> dict[str, int]:
         rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)

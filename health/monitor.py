@@ -35,6 +35,10 @@ class QueueSummary:
     jobs_per_minute: float | None
     #: Queues with pending jobs that no registered worker consumes: nobody will ever run them.
     unconsumed: tuple[str, ...] = ()
+    #: Due jobs waiting because their user runs as many jobs as their plan allows.
+    capped_waiting: int = 0
+    #: plan -> seconds since its tier's oldest due pending job was created (plans with one waiting).
+    oldest_pending_by_plan_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         """The log line's fields: flat numbers to filter on, and the per-queue counts as JSON."""
@@ -44,6 +48,8 @@ class QueueSummary:
             "oldest_pending_age_s": self.oldest_pending_age_s,
             "jobs_per_minute": self.jobs_per_minute,
             "unconsumed_queues": ",".join(self.unconsumed) or None,
+            "capped_waiting": self.capped_waiting,
+            "oldest_pending_by_plan_s": json.dumps(self.oldest_pending_by_plan_s, sort_keys=True),
         }
 
 
@@ -69,6 +75,12 @@ def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSumm
         oldest_pending_age_s=oldest_age_s,
         jobs_per_minute=_jobs_per_minute(reading, previous),
         unconsumed=unconsumed,
+        capped_waiting=sum(plan.capped_pending_jobs for plan in reading.plans),
+        oldest_pending_by_plan_s={
+            plan.plan: round(max(reading.read_at - plan.oldest_pending_at.timestamp(), 0.0), 3)
+            for plan in reading.plans
+            if plan.oldest_pending_at is not None
+        },
     )
 
 
@@ -110,7 +122,10 @@ class QueueMonitor:
         rate = "n/a" if summary.jobs_per_minute is None else f"{summary.jobs_per_minute:g}"
         oldest = "none" if summary.oldest_pending_age_s is None else f"{summary.oldest_pending_age_s:.1f} s"
         counts = ", ".join(f"{summary.totals.get(status, 0)} {status}" for status in STATUSES)
-        log.bind(**summary.fields()).info("Queue: {}; oldest pending {}; {} jobs/min", counts, oldest, rate)
+        capped = f"; {summary.capped_waiting} waiting for their plan's cap" if summary.capped_waiting else ""
+        log.bind(**summary.fields()).info(
+            "Queue: {}; oldest pending {}; {} jobs/min{}", counts, oldest, rate, capped
+        )
         for queue in summary.unconsumed:
             pending = summary.queues[queue].get("pending", 0)
             logger.bind(event="queue_unconsumed", queue=queue, pending=pending).warning(

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from broker.transport import QueueStat, Transport
+from broker.transport import PlanStat, QueueStat, Transport
 from health.background_call import BackgroundCall
 from service.settings import DEFAULT_READINESS_TIMEOUT_MS
 
@@ -23,6 +23,8 @@ class StatsReading:
     error: str | None = None
     #: Registered workers per queue they consume.
     consumers: tuple[tuple[str, int], ...] = ()
+    #: Per plan: caps, running jobs and jobs waiting for their user's cap (fair share).
+    plans: tuple[PlanStat, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -81,7 +83,8 @@ class StatsCache:
         try:
             stats = tuple(self.transport.stats())
             consumers = tuple(sorted(self.transport.consumers().items()))
+            plans = tuple(self.transport.fairness())
         except Exception as exc:
             # Any failure, not only ConnectionClosed: a probe must answer, and the monitor must keep going.
             return StatsReading(stats=(), read_at=time.time(), error=f"{type(exc).__name__}: {exc}")
-        return StatsReading(stats=stats, read_at=time.time(), consumers=consumers)
+        return StatsReading(stats=stats, read_at=time.time(), consumers=consumers, plans=plans)

@@ -98,6 +98,8 @@ language plpgsql volatile set search_path = ''
 rows 16
 -- Plans kept from the first call: planning these statements anew on every claim cost more than running them.
 set plan_cache_mode = force_generic_plan
+-- Short statements over a few rows, whose estimates grow with the table: JIT compiling them would cost ~0.5 s.
+set jit = off
 as $$
 declare
   candidates_per_tier constant integer := p_limit + 16;  -- CANDIDATES_PER_TIER
@@ -382,6 +384,8 @@ create or replace function public.get_fairness_stats()
 returns table (plan text, priority integer, max_running integer, running_jobs bigint, running_users bigint,
                users_at_cap bigint, capped_pending_jobs bigint, oldest_pending_at timestamptz)
 language sql stable set search_path = ''
+-- Index probes over a few rows, estimated high on a big table: JIT compiling them took ~0.6 s per call.
+set jit = off
 as $$
   with plans as (
     select l.plan, l.priority, coalesce(lead(l.priority) over (order by l.priority) - 1, 10) as top,
