@@ -102,9 +102,10 @@ set plan_cache_mode = force_generic_plan
 set jit = off
 as $$
 declare
-  candidates_per_tier constant integer := p_limit + 16;  -- CANDIDATES_PER_TIER
-  fetch_rounds constant integer := 4;
+  candidates_per_tier constant integer := p_limit * 3;  -- CANDIDATES_PER_TIER
+  fetch_rounds constant integer := 6;
   users_lock constant integer := 1364546386;  -- 'QUSR'
+  jobs_lock constant integer := 1363824450;  -- 'QJOB'
   v_fair record;
   v_caps integer[];
   v_step_ms double precision;
@@ -140,6 +141,12 @@ begin
   v_caps := v_fair.caps;
   v_step_ms := v_fair.aging_step_ms;
 
+  -- Users already running as many jobs as the cap of their running jobs' plan: left out of the candidates.
+  select coalesce(array_agg(r.user_id), '{}') into v_full
+    from (select j.user_id, count(*) as n, max(j.priority) as priority from public.coding_jobs j
+           where j.status = 'processing' and j.user_id is not null group by j.user_id) r
+   where r.n >= v_caps[r.priority + 1];
+
   -- Candidates: the oldest due jobs of each priority, in claim order, as far as their users' caps leave room
   -- (by the counts above). The users of the first ones are locked for this claim; a user whose lock another
   -- claim holds is left to that claim. When a user has more candidates than room, the next round fetches again
@@ -171,11 +178,18 @@ begin
         from judged k
        where k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1]
     ), top as (
-      select k.* from kept k order by k.tier desc, k.slot, k.created_at, k.id limit p_limit * 2
+      -- In claim order, lock each job's user as it comes (the lock is re-entrant), or the job itself when it has
+      -- no user, and skip what another claim holds: claims running at once spread over the users and jobs
+      -- instead of colliding on the same oldest ones. A few spare, in case a cap is found full below.
+      select s.*
+        from (select k.* from kept k order by k.tier desc, k.slot, k.created_at, k.id offset 0) s
+       where case when s.user_id is null
+                  then pg_catalog.pg_try_advisory_xact_lock(jobs_lock, pg_catalog.hashtext(s.id::text))
+                  else pg_catalog.pg_try_advisory_xact_lock(users_lock, pg_catalog.hashtext(s.user_id::text))
+             end
+       limit p_limit + p_limit / 4 + 1
     ), locked as (
-      select u.user_id
-        from (select distinct t.user_id from top t where t.user_id is not null) u
-       where pg_catalog.pg_try_advisory_xact_lock(users_lock, pg_catalog.hashtext(u.user_id::text))
+      select distinct t.user_id from top t where t.user_id is not null
     )
     select (select coalesce(array_agg(row(k.id, k.user_id, k.priority, k.created_at, k.run_at)
                                         ::public.coding_jobs_candidate), '{}') from kept k),
@@ -292,19 +306,26 @@ end
 $$;
 
 -- -- A slot frees: wake the consumers --------------------------------------------------------------------------
--- When a job of a user stops running (completed, retried, dead-lettered, released, postponed, rescued,
--- cancelled: whichever function did it), ring the queues where that user has due pending jobs: they may have
--- waited for this slot. One ring per queue and statement.
+-- When a job stops running (completed, retried, dead-lettered, released, postponed, rescued, cancelled: whichever
+-- function did it) and its user was at the cap, ring the queues where that user has due pending jobs: they
+-- waited for this slot. One ring per queue and statement, and none while nobody was capped: a NOTIFY
+-- serialises the commits of every transaction that sends one, so settles must not ring for nothing.
 create or replace function public.coding_jobs_ring_freed_slots() returns trigger
 language plpgsql set search_path = ''
 as $$
 begin
   perform public.coding_jobs_ring(q.queue_name, now())
      from (select distinct p.queue_name
-             from (select distinct o.user_id
+             from (select o.user_id, count(*) as n, max(o.priority) as priority
                      from old_rows o join new_rows n on n.id = o.id
-                    where o.status = 'processing' and n.status <> 'processing' and o.user_id is not null) u
-             join public.coding_jobs p on p.user_id = u.user_id and p.status = 'pending' and p.run_at <= now()) q;
+                    where o.status = 'processing' and n.status <> 'processing' and o.user_id is not null
+                    group by o.user_id) f
+             join public.coding_jobs p on p.user_id = f.user_id and p.status = 'pending' and p.run_at <= now()
+            where exists (select from public.queue_fairness s where s.enabled)
+              and f.n + (select count(*) from public.coding_jobs r
+                          where r.status = 'processing' and r.user_id = f.user_id)
+                  >= (select l.max_running from public.queue_plan_limits l where l.priority <= f.priority
+                       order by l.priority desc limit 1)) q;
   return null;
 end
 $$;
