@@ -102,7 +102,7 @@ set plan_cache_mode = force_generic_plan
 set jit = off
 as $$
 declare
-  candidates_per_tier constant integer := p_limit * 3;  -- CANDIDATES_PER_TIER
+  candidates_per_tier constant integer := greatest(p_limit * 3, 32);  -- CANDIDATES_PER_TIER
   fetch_rounds constant integer := 6;
   users_lock constant integer := 1364546386;  -- 'QUSR'
   jobs_lock constant integer := 1363824450;  -- 'QJOB'
