@@ -76,16 +76,6 @@ exception
 end
 $$;
 
--- coding_jobs_plan_caps: the cap of every priority 0..10, as an array indexed by priority + 1.
-create or replace function public.coding_jobs_plan_caps() returns integer[]
-language sql stable set search_path = ''
-as $$
-  select array(
-    select (select l.max_running from public.queue_plan_limits l where l.priority <= p
-             order by l.priority desc limit 1)
-      from generate_series(0, 10) p order by p)
-$$;
-
 -- -- Which jobs a claim takes ---------------------------------------------------------------------------------
 -- coding_jobs_claimable: up to p_limit due pending jobs of p_queue, locked (FOR UPDATE) by this transaction and
 -- returned in the order to start them. It takes the caps' user locks too: call it inside the transaction that
@@ -122,7 +112,7 @@ begin
     return;
   end if;
   select f.enabled, f.aging_step_ms,
-         -- the cap of each priority 0..10, indexed by priority + 1 (coding_jobs_plan_caps, inlined)
+         -- the cap of each priority 0..10, indexed by priority + 1
          array(select (select l.max_running from public.queue_plan_limits l where l.priority <= p
                         order by l.priority desc limit 1)
                  from generate_series(0, 10) p order by p) as caps
@@ -446,7 +436,6 @@ revoke all on table public.queue_plan_limits, public.queue_fairness from public,
 grant select, insert, update, delete on table public.queue_plan_limits, public.queue_fairness to service_role;
 
 revoke all on function
-  public.coding_jobs_plan_caps(),
   public.coding_jobs_claimable(text, integer),
   public.coding_jobs_ring_freed_slots(),
   public.get_plan_limits(),
@@ -458,7 +447,6 @@ revoke all on function
 from public, anon, authenticated;
 
 grant execute on function
-  public.coding_jobs_plan_caps(),
   public.coding_jobs_claimable(text, integer),
   public.get_plan_limits(),
   public.set_plan_limit(text, integer, integer),
