@@ -30,7 +30,14 @@ from broker.holdings import Holdings
 from broker.interrupts import JobCancelled, JobInterrupted, ShutdownDeadline, set_stop_check
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
-from broker.messages import JobProxy, error_text, job_id_for, new_job, stored_options
+from broker.messages import (
+    IDEMPOTENCY_KEY_OPTION,
+    JobProxy,
+    error_text,
+    job_id_for,
+    new_job,
+    stored_options,
+)
 from broker.operator_records import CancelOutcome
 from broker.presence import PresenceState
 from broker.retention import Pruner
@@ -141,9 +148,13 @@ class SupabaseBroker(dramatiq.Broker):
         if isinstance(message, JobProxy) and self.holdings.holds(message):
             return self._retry(message, delay or 0)
         self.emit_before("enqueue", message, delay)
-        self.transport.enqueue(
-            [new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)]
-        )
+        job = new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)
+        if job.options.get(IDEMPOTENCY_KEY_OPTION) is None:
+            self.transport.enqueue([job])
+        else:
+            holder = self.transport.enqueue_unique(job)
+            if holder != job.id:  # the key's job already exists: the caller gets that one
+                message = message.copy(message_id=holder)
         self.emit_after("enqueue", message, delay)
         return message
 

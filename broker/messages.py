@@ -22,6 +22,11 @@ MAX_ERROR_CHARS = 8000
 MIN_PRIORITY, MAX_PRIORITY = 0, 10
 #: The kwarg whose value lives in the row's `prompt` column, never in its kwargs.
 PROMPT_KWARG = "prompt"
+#: The message option naming a job's idempotency key: while a job with that key is pending or running, sending
+#: another gives back that job (the row's `idempotency_key` column).
+IDEMPOTENCY_KEY_OPTION = "idempotency_key"
+#: Characters an idempotency key may have.
+MAX_IDEMPOTENCY_KEY_CHARS = 500
 
 # Options Dramatiq's middleware reads, and what each must be: a row with anything else fails with a message
 # naming the option, instead of a middleware error that Dramatiq would log and swallow.
@@ -94,6 +99,12 @@ def new_job(message: Message[Any], *, default_max_retries: int, delay_ms: int = 
         raise ValueError(
             f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
             f"(Free 0, Starter 5, Pro 10), got {priority!r}"
+        )
+    key = options.get(IDEMPOTENCY_KEY_OPTION)
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS):
+        raise ValueError(
+            f"{IDEMPOTENCY_KEY_OPTION} must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY_CHARS} "
+            f"characters, got {_shown(key)}"
         )
     return NewJob(
         id=job_id_for(message),

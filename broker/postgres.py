@@ -29,11 +29,13 @@ from broker.transport import (
     Doorbell,
     HeartbeatReply,
     NewJob,
+    PlanStat,
     PresenceListener,
     PresencePolicy,
     QueueStat,
     Transport,
     WorkerInfo,
+    plan_stat,
 )
 
 #: Seconds a new connection may take to open.
@@ -170,6 +172,10 @@ class PostgresTransport(Transport):
         payload = Jsonb([job.as_json() for job in jobs])
         return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=True) or 0)
 
+    def enqueue_unique(self, job: NewJob) -> str:
+        query = "select public.enqueue_unique_job(%s)"
+        return str(self.calls.value(query, (Jsonb(job.as_json()),), idempotent=True))
+
     def claim(
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
     ) -> list[ClaimedJob]:
@@ -288,6 +294,10 @@ class PostgresTransport(Transport):
         named = ", ".join(f"{key} => %s::{arg.sql_type}" for key, arg in args.items())
         values = [arg.value for arg in args.values()]
         return self.calls.rows(f"select * from public.{name}({named})", values, idempotent=True)
+
+    def fairness(self) -> list[PlanStat]:
+        rows = self.calls.rows("select * from public.get_fairness_stats()", (), idempotent=True)
+        return [plan_stat(row) for row in rows]
 
     def consumers(self) -> dict[str, int]:
         rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)

@@ -42,11 +42,13 @@ from broker.transport import (
     Doorbell,
     HeartbeatReply,
     NewJob,
+    PlanStat,
     PresenceListener,
     PresencePolicy,
     QueueStat,
     Transport,
     WorkerInfo,
+    plan_stat,
 )
 
 #: Seconds an RPC may take, reply included, before it counts as a lost connection.
@@ -157,6 +159,9 @@ class RestTransport(Transport):
             return 0
         # Ids make a repeat harmless: a message id seen before is ignored.
         return int(self._rpc("enqueue_jobs", {"p_jobs": [job.as_json() for job in jobs]}))
+
+    def enqueue_unique(self, job: NewJob) -> str:
+        return str(self._rpc("enqueue_unique_job", {"p_job": job.as_json()}))
 
     def claim(
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
@@ -270,6 +275,9 @@ class RestTransport(Transport):
             )
             for row in self._rpc("get_queue_stats")
         ]
+
+    def fairness(self) -> list[PlanStat]:
+        return [plan_stat(row) for row in self._rpc("get_fairness_stats")]
 
     def consumers(self) -> dict[str, int]:
         return {row["queue_name"]: int(row["workers"]) for row in self._rpc("get_queue_consumers")}

@@ -16,6 +16,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
+from broker.transport import PlanStat
 from health.job_counters import DURATION_BOUNDS_S, ActorJobStats
 from health.monitor import STATUSES
 from health.run_folder import WorkerBeat, process_running, read_beats
@@ -74,6 +75,42 @@ class QueueStatsCollector:
         for queue_name in sorted(set(seen) | set(counted)):
             consumers.add_metric([queue_name], counted.get(queue_name, 0))
         yield consumers
+        yield from _plan_metrics(reading.plans, reading.read_at)
+
+
+def _plan_metrics(plans: Iterable[PlanStat], read_at: float) -> Iterator[Metric]:
+    """Fair share by plan: caps, running jobs and users, and jobs waiting for their user's cap."""
+    labels = ["plan"]
+    cap = GaugeMetricFamily(
+        "queue_plan_max_running", "Running jobs allowed per user of the plan (absent: no cap).", labels=labels
+    )
+    running = GaugeMetricFamily("queue_plan_running_jobs", "Jobs of the plan's users running.", labels=labels)
+    users = GaugeMetricFamily(
+        "queue_plan_running_users", "Users of the plan with jobs running.", labels=labels
+    )
+    at_cap = GaugeMetricFamily(
+        "queue_plan_users_at_cap", "Users of the plan running as many jobs as their cap.", labels=labels
+    )
+    capped = GaugeMetricFamily(
+        "queue_plan_capped_pending_jobs",
+        "Due jobs waiting because their user is at the plan's cap (not for lack of workers).",
+        labels=labels,
+    )
+    oldest = GaugeMetricFamily(
+        "queue_plan_oldest_pending_age_seconds",
+        "Age of the oldest due pending job of the plan's tier (0 when none is waiting).",
+        labels=labels,
+    )
+    for plan in plans:
+        if plan.max_running is not None:
+            cap.add_metric([plan.plan], plan.max_running)
+        running.add_metric([plan.plan], plan.running_jobs)
+        users.add_metric([plan.plan], plan.running_users)
+        at_cap.add_metric([plan.plan], plan.users_at_cap)
+        capped.add_metric([plan.plan], plan.capped_pending_jobs)
+        age_s = 0.0 if plan.oldest_pending_at is None else read_at - plan.oldest_pending_at.timestamp()
+        oldest.add_metric([plan.plan], max(age_s, 0.0))
+    yield from (cap, running, users, at_cap, capped, oldest)
 
 
 def _alerts(reading: StatsReading, queues: list[str]) -> Iterator[Metric]:

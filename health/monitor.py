@@ -41,6 +41,10 @@ class QueueSummary:
     paused: tuple[str, ...] = ()
     #: queue name -> actor name -> status -> jobs (statuses with none left out).
     actors: dict[str, dict[str, dict[str, int]]] = dataclasses.field(default_factory=dict)
+    #: Due jobs waiting because their user runs as many jobs as their plan allows.
+    capped_waiting: int = 0
+    #: plan -> seconds since its tier's oldest due pending job was created (plans with one waiting).
+    oldest_pending_by_plan_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         """The log line's fields: flat numbers to filter on, the per-queue and per-actor counts as JSON."""
@@ -52,6 +56,8 @@ class QueueSummary:
             "jobs_per_minute": self.jobs_per_minute,
             "unconsumed_queues": ",".join(self.unconsumed) or None,
             "paused_queues": ",".join(self.paused) or None,
+            "capped_waiting": self.capped_waiting,
+            "oldest_pending_by_plan_s": json.dumps(self.oldest_pending_by_plan_s, sort_keys=True),
         }
 
 
@@ -88,6 +94,12 @@ def summarize(reading: StatsReading, previous: StatsReading | None) -> QueueSumm
         unconsumed=unconsumed,
         paused=tuple(sorted(p.queue_name for p in reading.paused)),
         actors=actors,
+        capped_waiting=sum(plan.capped_pending_jobs for plan in reading.plans),
+        oldest_pending_by_plan_s={
+            plan.plan: round(max(reading.read_at - plan.oldest_pending_at.timestamp(), 0.0), 3)
+            for plan in reading.plans
+            if plan.oldest_pending_at is not None
+        },
     )
 
 
@@ -134,8 +146,9 @@ class QueueMonitor:
         oldest = "none" if summary.oldest_pending_age_s is None else f"{summary.oldest_pending_age_s:.1f} s"
         counts = ", ".join(f"{summary.totals.get(status, 0)} {status}" for status in STATUSES)
         paused = f"; paused: {', '.join(summary.paused)}" if summary.paused else ""
+        capped = f"; {summary.capped_waiting} waiting for their plan's cap" if summary.capped_waiting else ""
         log.bind(**summary.fields()).info(
-            "Queue: {}; oldest pending {}; {} jobs/min{}", counts, oldest, rate, paused
+            "Queue: {}; oldest pending {}; {} jobs/min{}{}", counts, oldest, rate, paused, capped
         )
         for queue in summary.unconsumed:
             pending = summary.queues[queue].get("pending", 0)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from broker.operator_records import ActorStat, PausedQueue
-from broker.transport import QueueStat, Transport
+from broker.transport import PlanStat, QueueStat, Transport
 from health.background_call import BackgroundCall
 from service.settings import DEFAULT_READINESS_TIMEOUT_MS
 
@@ -29,6 +29,8 @@ class StatsReading:
     actors: tuple[ActorStat, ...] = ()
     #: Queues no worker claims from until they are resumed.
     paused: tuple[PausedQueue, ...] = ()
+    #: Per plan: caps, running jobs and jobs waiting for their user's cap (fair share).
+    plans: tuple[PlanStat, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -89,9 +91,15 @@ class StatsCache:
             consumers = tuple(sorted(self.transport.consumers().items()))
             actors = tuple(self.transport.actor_stats())
             paused = tuple(self.transport.paused_queues())
+            plans = tuple(self.transport.fairness())
         except Exception as exc:
             # Any failure, not only ConnectionClosed: a probe must answer, and the monitor must keep going.
             return StatsReading(stats=(), read_at=time.time(), error=f"{type(exc).__name__}: {exc}")
         return StatsReading(
-            stats=stats, read_at=time.time(), consumers=consumers, actors=actors, paused=paused
+            stats=stats,
+            read_at=time.time(),
+            consumers=consumers,
+            actors=actors,
+            paused=paused,
+            plans=plans,
         )

@@ -33,6 +33,7 @@ from service.wiring import build_broker
 from worker.cli import in_dramatiq_worker
 from worker.health_fork import HealthServer
 from worker.heartbeat import Heartbeat
+from worker.periodic import Periodic
 from worker.startup import StartupChecks
 
 
@@ -71,6 +72,8 @@ broker.add_middleware(JobLogContext(worker_id=broker.worker_id), before=type(bro
 # Heartbeat files for liveness and metrics; the health server runs as a dramatiq fork of this CLI.
 broker.add_middleware(Heartbeat(settings, broker))
 broker.add_middleware(HealthServer(dashboard=settings.dashboard_port is not None))
+# Actors declared with `periodic=<cron>` are enqueued on every tick, once however many workers run.
+broker.add_middleware(Periodic())
 # Last, so that its process_boot hook runs first (after-hooks run in reverse): nothing starts before it.
 broker.add_middleware(StartupChecks(settings, broker.transport, health_port=settings.health_check_port))
 

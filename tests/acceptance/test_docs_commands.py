@@ -150,6 +150,7 @@ def test_every_command_block_runs_as_written(
         "import dramatiq",
         "cp .env.example .env",
         "import dramatiq",  # an actor that checks should_stop()
+        "import dramatiq",  # periodic actors and a unique send
     ]
 
 

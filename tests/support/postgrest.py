@@ -13,6 +13,11 @@ It serves only what the queue uses, the way PostgREST documents it:
   request, read-only for stable and immutable functions, with the impersonated role's `alter role ... set`.
 - Errors (https://docs.postgrest.org/en/latest/references/errors.html): the JSON shape {code, details, hint,
   message} and the SQLSTATE-to-HTTP-status table.
+- Inserts and upserts into tables (https://docs.postgrest.org/en/latest/references/api/tables_views.html,
+  "Insert", "Upsert", "On Conflict"): `POST /rest/v1/{table}` with a JSON object or array; `Prefer:
+  return=representation` answers the rows, `resolution=merge-duplicates|ignore-duplicates` adds `ON
+  CONFLICT(<on_conflict columns, by default the primary key>) DO UPDATE SET <each posted column> =
+  EXCLUDED.<column>` or `DO NOTHING`, the statement PostgREST's QueryBuilder.mutatePlanToQuery builds.
 Supabase's API gateway sits in front of PostgREST and refuses requests without a valid `apikey` header; the
 endpoint does the same. It connects as `authenticator`, as PostgREST does on Supabase.
 
@@ -30,6 +35,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,12 +48,20 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 RPC_PREFIX = "/rest/v1/rpc/"
+TABLE_PREFIX = "/rest/v1/"
 ANON_ROLE = "anon"
 _EXACT_STATUS = {"23503": 409, "23505": 409, "25006": 405, "53400": 500, "P0001": 400}
 _EXACT_STATUS |= {"42883": 404, "42P01": 404}
 _CLASS_STATUS = {"08": 503, "09": 500, "0L": 403, "0P": 403, "25": 500, "28": 403, "2D": 500, "38": 500}
 _CLASS_STATUS |= {"39": 500, "3B": 500, "40": 500, "53": 503, "54": 500, "55": 500, "57": 500, "58": 500}
 _CLASS_STATUS |= {"F0": 500, "HV": 500, "P0": 500, "XX": 500}
+_COLUMNS_SQL = """
+select a.attname, format_type(a.atttypid, a.atttypmod),
+       coalesce(a.attnum = any(i.indkey), false) as in_primary_key
+  from pg_catalog.pg_attribute a
+  left join pg_catalog.pg_index i on i.indrelid = a.attrelid and i.indisprimary
+ where a.attrelid = to_regclass(format('public.%%I', %s::text)) and a.attnum > 0 and not a.attisdropped
+"""
 _FUNCTIONS_SQL = """
 select p.proname, p.proretset, p.provolatile, p.pronargdefaults, p.proargmodes::text[] as modes,
        coalesce(p.proargnames, '{}') as names, p.prorettype = 'void'::regtype as returns_void,
@@ -232,6 +246,42 @@ class PostgrestEndpoint:
                 value = conn.execute(query, (json.dumps(body),)).fetchone()
         return (not fn.returns_void, value[0] if value else None)
 
+    def insert(
+        self,
+        table: str,
+        body: Any,
+        role: str,
+        claims: dict[str, Any],
+        prefer: set[str],
+        on_conflict: str | None,
+    ) -> tuple[bool, Any]:
+        """Insert (or upsert) rows into a table in one transaction; returns (has_body, rows)."""
+        rows = body if isinstance(body, list) else [body]
+        if not rows or not all(isinstance(row, dict) for row in rows):
+            raise RpcError(400, "PGRST102", "An invalid request body was sent: expected JSON objects")
+        posted = list(dict.fromkeys(key for row in rows for key in row))
+        with self.pool.connection() as conn:
+            columns = {name: (kind, key) for name, kind, key in conn.execute(_COLUMNS_SQL, (table,))}
+            if not columns:
+                raise RpcError(404, "42P01", f'relation "public.{table}" does not exist')
+            unknown = [name for name in posted if name not in columns]
+            if unknown:
+                message = f"Could not find the '{unknown[0]}' column of '{table}' in the schema cache"
+                raise RpcError(400, "PGRST204", message)
+            query = _insert_sql(table, posted, columns, prefer, on_conflict)
+            gucs = [
+                ("role", role),
+                ("request.jwt.claims", json.dumps(claims)),
+                *self.role_settings.get(role, []),
+            ]
+            with conn.transaction():
+                conn.execute(
+                    "select set_config(k, v, true) from unnest(%s::text[], %s::text[]) as s(k, v)",
+                    ([k for k, _ in gucs], [v for _, v in gucs]),
+                )
+                value = conn.execute(query, (json.dumps(rows),)).fetchone()
+        return ("return=representation" in prefer, value[0] if value else [])
+
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a token signed with the endpoint's secret; raises jwt.PyJWTError otherwise."""
         claims = self._verified.get(token)
@@ -262,6 +312,40 @@ def _call_sql(fn: _Function, used: list[str]) -> sql.Composed:
     return sql.SQL("with _pgrst_args as ({}) select " + shape).format(args_cte, call)
 
 
+def _insert_sql(
+    table: str,
+    posted: list[str],
+    columns: dict[str, tuple[str, bool]],
+    prefer: set[str],
+    on_conflict: str | None,
+) -> sql.Composed:
+    qualified = sql.SQL("public.{}").format(sql.Identifier(table))
+    names = sql.SQL(", ").join(sql.Identifier(c) for c in posted)
+    typed = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(columns[c][0])) for c in posted
+    )
+    body = sql.SQL(", ").join(sql.SQL("pgrst_body.{}").format(sql.Identifier(c)) for c in posted)
+    conflict: sql.Composable = sql.SQL("")
+    resolution = next((p.split("=", 1)[1] for p in prefer if p.startswith("resolution=")), None)
+    if resolution in ("merge-duplicates", "ignore-duplicates"):
+        targets = on_conflict.split(",") if on_conflict else [c for c, (_, key) in columns.items() if key]
+        action: sql.Composable = sql.SQL("DO NOTHING")
+        if resolution == "merge-duplicates":
+            action = sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in posted)
+            )
+        conflict = sql.SQL(" ON CONFLICT({}) {}").format(
+            sql.SQL(", ").join(sql.Identifier(c.strip()) for c in targets), action
+        )
+    return sql.SQL(
+        "WITH pgrst_source AS (INSERT INTO {table}({names}) SELECT {body}"
+        " FROM (SELECT %s::json AS json_data) pgrst_payload,"
+        " LATERAL (SELECT {names} FROM json_to_recordset(pgrst_payload.json_data) AS _({typed})) pgrst_body"
+        "{conflict} RETURNING {table}.*)"
+        " SELECT coalesce(json_agg(_postgrest_t), '[]') FROM (SELECT * FROM pgrst_source) _postgrest_t"
+    ).format(table=qualified, names=names, body=body, typed=typed, conflict=conflict)
+
+
 def _suppress_oserror(action: Any, *args: Any) -> None:
     with contextlib.suppress(OSError):
         action(*args)
@@ -285,8 +369,10 @@ def _handler_for(endpoint: PostgrestEndpoint) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if not self.path.startswith(RPC_PREFIX):
+            if not self.path.startswith(TABLE_PREFIX):
                 return self._reply(404, {"message": "no Route matched with those values"})
+            if not self.path.startswith(RPC_PREFIX):
+                return self._insert(raw)
             name = self.path.removeprefix(RPC_PREFIX).split("?", 1)[0]
             endpoint.count_call(name)
             fault = endpoint.faults.take(name)
@@ -314,6 +400,33 @@ def _handler_for(endpoint: PostgrestEndpoint) -> type[BaseHTTPRequestHandler]:
             if fault and fault["kind"] == "delay":
                 time.sleep(fault["seconds"])
             self._reply(200 if has_body else 204, value if has_body else None, has_body)
+
+        def _insert(self, raw: bytes) -> None:
+            target = urllib.parse.urlsplit(self.path)
+            table = target.path.removeprefix(TABLE_PREFIX)
+            on_conflict = urllib.parse.parse_qs(target.query).get("on_conflict", [None])[0]
+            prefer = {p.strip() for p in self.headers.get("Prefer", "").split(",") if p.strip()}
+            role = ANON_ROLE
+            try:
+                role, claims = self._authenticate()
+                try:
+                    body = json.loads(raw or b"null")
+                except ValueError:
+                    raise RpcError(400, "PGRST102", "An invalid request body was sent") from None
+                has_body, rows = endpoint.insert(table, body, role, claims, prefer, on_conflict)
+            except RpcError as exc:
+                return self._reply(exc.status, exc.body)
+            except psycopg.Error as exc:
+                code = exc.diag.sqlstate or "XX000"
+                error = RpcError(
+                    status_for(code, role),
+                    code,
+                    exc.diag.message_primary or str(exc),
+                    exc.diag.message_detail,
+                    exc.diag.message_hint,
+                )
+                return self._reply(error.status, error.body)
+            self._reply(201, rows if has_body else None, has_body)
 
         def _authenticate(self) -> tuple[str, dict[str, Any]]:
             apikey = self.headers.get("apikey")
