@@ -20,3 +20,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_NAMESPACE = "bench-throughput"
 #: Worker threads per process unless BENCH_THREADS says otherwise (the CLI's --threads must agree).
 DEFAULT_THREADS = 8
+#: UDP port on 127.0.0.1 where the stamp actor reports pickups.
+PICKUP_PORT_ENV = "BENCH_PICKUP_PORT"
+#: CLAIM_AHEAD_JOBS for our worker: unset keeps Dramatiq's prefetch (twice the threads).
+CLAIM_AHEAD_ENV = "BENCH_CLAIM_AHEAD"
+#: Worker processes of a run (the stopwatch's files differ with more than one).
+PROCESSES_ENV = "BENCH_PROCESSES"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dramatiq
 
+from bench.stamp import declare_stamp
 from bench.stopwatch import Stopwatch
 
 #: One queue of its own, so the benchmark never touches a real queue's messages.
@@ -23,9 +24,10 @@ def declare_actor(broker: dramatiq.Broker) -> dramatiq.Actor[[], None]:
 
 
 def declare(broker: dramatiq.Broker) -> dramatiq.Actor[[], None]:
-    """In a worker module: make `broker` global, time its jobs when the harness asks, declare the actor."""
+    """In a worker module: make `broker` global, time its jobs when the harness asks, declare the actors."""
     stopwatch = Stopwatch.from_environ()
     if stopwatch is not None:
         broker.add_middleware(stopwatch)
     dramatiq.set_broker(broker)
+    declare_stamp(broker)
     return declare_actor(broker)

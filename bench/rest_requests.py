@@ -189,7 +189,12 @@ def _drain(round_no: int, url: str, endpoint: Endpoint, args: argparse.Namespace
         max_connections=args.threads + SPARE_CONNECTIONS,
         realtime=False,
     )
-    broker = SupabaseBroker(transport, poll_interval_ms=POLL_INTERVAL_MS)
+    broker = SupabaseBroker(
+        transport,
+        poll_interval_ms=POLL_INTERVAL_MS,
+        claim_ahead=args.claim_ahead,
+        concurrency=None if args.claim_ahead is None else args.threads,
+    )
     clock = AckClock(args.jobs)
     broker.add_middleware(clock)
     noop = declare_actor(broker)
@@ -229,7 +234,7 @@ def render_markdown(rounds: list[Round], args: argparse.Namespace, load_before: 
     lines = [
         f"REST transport, **{LABEL}**.",
         f"{args.jobs:,} pre-loaded no-op jobs per round, one in-process dramatiq.Worker with {args.threads} "
-        f"threads (prefetch {args.threads * 2}), Realtime off, {len(rounds)} round(s); "
+        f"threads ({_configuration(args)}), Realtime off, {len(rounds)} round(s); "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"Dramatiq {dramatiq.__version__}, load average before/after: {load_before[0]:.2f} / "
         f"{os.getloadavg()[0]:.2f}.",
@@ -249,10 +254,17 @@ def render_markdown(rounds: list[Round], args: argparse.Namespace, load_before: 
         "",
         f"Median {median_rate:,.0f} jobs/s {LABEL}. Not counted above: the producer's side "
         "(`send()` is one `enqueue_jobs` request per job; the pre-load sent "
-        f"{ENQUEUE_BATCH:,} per request), and lease upkeep (`extend_leases` and `requeue_expired_leases`, "
-        "one request each per worker every lease/3, 20 s by default, whatever the number of jobs).",
+        f"{ENQUEUE_BATCH:,} per request; `enqueue_many()` sends up to 5,000 per request), and the worker's "
+        "`worker_heartbeat` (one request every 4 s per worker process, leases and rescues included, whatever "
+        "the number of jobs).",
     ]
     return "\n".join(lines)
+
+
+def _configuration(args: argparse.Namespace) -> str:
+    if args.claim_ahead is None:
+        return f"Dramatiq's prefetch, {args.threads * 2}"
+    return f"the service's CLAIM_AHEAD_JOBS={args.claim_ahead}"
 
 
 def _row(title: str, values: Sequence[float], fmt: str) -> str:
@@ -265,6 +277,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2_000, help="no-op jobs per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="worker threads (default 8)")
+    parser.add_argument(
+        "--claim-ahead",
+        type=int,
+        default=None,
+        help="CLAIM_AHEAD_JOBS, with MAX_CONCURRENT_JOBS = --threads (default: Dramatiq's prefetch)",
+    )
     parser.add_argument(
         "--database-url",
         default=DEFAULT_ADMIN_URL,

@@ -14,7 +14,10 @@ import dramatiq
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
-from bench.environment import EXPECTED_JOBS_ENV, RESULT_FILE_ENV
+from bench.environment import EXPECTED_JOBS_ENV, PROCESSES_ENV, RESULT_FILE_ENV
+
+#: Seconds between progress files when several worker processes share the jobs.
+PROGRESS_EVERY_S = 0.1
 
 
 class Stopwatch(Middleware):
@@ -23,16 +26,23 @@ class Stopwatch(Middleware):
     It runs after the broker's own ack returned, on the worker thread, for every broker alike: a counter
     increment per job, and two clock reads per run. itertools.count is atomic under the GIL, so exactly one
     thread sees each number and no lock is taken per job.
+
+    With several worker processes (`shared=True`) no process knows when the last job is settled: each writes
+    its count and its first and latest times to `<result file>.<pid>` every PROGRESS_EVERY_S, and the
+    harness adds them up (bench/worker_process.py). perf_counter is CLOCK_MONOTONIC, one clock for all.
     """
 
-    def __init__(self, expected_jobs: int, result_path: Path) -> None:
+    def __init__(self, expected_jobs: int, result_path: Path, *, shared: bool = False) -> None:
         self.expected_jobs = expected_jobs
         self.result_path = result_path
+        self.shared = shared
         self._settled = itertools.count(1)
         self._failed = itertools.count(1)
+        self._count = 0
         self._failures = 0
         self._first_wall_s = 0.0
         self._first_perf_s = 0.0
+        self._latest_perf_s = 0.0
         self._written = threading.Event()
 
     @classmethod
@@ -41,7 +51,7 @@ class Stopwatch(Middleware):
         expected, path = os.environ.get(EXPECTED_JOBS_ENV), os.environ.get(RESULT_FILE_ENV)
         if not expected or not path:
             return None
-        return cls(int(expected), Path(path))
+        return cls(int(expected), Path(path), shared=int(os.environ.get(PROCESSES_ENV) or 1) > 1)
 
     def after_ack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._settle()
@@ -52,11 +62,32 @@ class Stopwatch(Middleware):
 
     def _settle(self) -> None:
         n = next(self._settled)
+        now = time.perf_counter()
+        self._latest_perf_s = now
+        self._count = max(self._count, n)
         if n == 1:
-            self._first_perf_s = time.perf_counter()
+            self._first_perf_s = now
             self._first_wall_s = time.time()
-        if n == self.expected_jobs:
-            self._write(time.perf_counter(), time.time())
+            if self.shared:
+                threading.Thread(target=self._report_progress, daemon=True).start()
+        if n == self.expected_jobs and not self.shared:
+            self._write(now, time.time())
+
+    def _report_progress(self) -> None:
+        path = self.result_path.with_name(f"{self.result_path.name}.{os.getpid()}")
+        while True:
+            self._write_json(
+                path,
+                {
+                    "settled": self._count,
+                    "failed": self._failures,
+                    "first_perf_s": self._first_perf_s,
+                    "latest_perf_s": self._latest_perf_s,
+                    "first_settled_at": self._first_wall_s,
+                    "pid": os.getpid(),
+                },
+            )
+            time.sleep(PROGRESS_EVERY_S)
 
     def _write(self, last_perf_s: float, last_wall_s: float) -> None:
         if self._written.is_set():
@@ -70,7 +101,11 @@ class Stopwatch(Middleware):
             "first_to_last_s": last_perf_s - self._first_perf_s,
             "pid": os.getpid(),
         }
+        self._write_json(self.result_path, result)
+
+    @staticmethod
+    def _write_json(path: Path, data: dict[str, Any]) -> None:
         # Written whole, then renamed: the harness polls for the file and must never read half of it.
-        partial = self.result_path.with_name(self.result_path.name + ".partial")
-        partial.write_text(json.dumps(result), encoding="utf-8")
-        os.replace(partial, self.result_path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(partial, path)

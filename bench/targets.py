@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from dramatiq.message import Message
 from psycopg import sql
 
 from bench.environment import (
+    CLAIM_AHEAD_ENV,
     DATABASE_URL_ENV,
     DEFAULT_RABBITMQ_URL,
     DEFAULT_REDIS_URL,
@@ -39,6 +41,24 @@ WORKER_FUNCTIONS = (
     "retry_job",
     "dead_letter_job",
 )
+
+
+#: A month of history: completed rows (one in twenty failed, with an error), spread over 30 days, most with a
+#: user and a prompt like the Edge Function's rows. Parameters: the number of rows, twice.
+HISTORY_SQL = """
+insert into public.coding_jobs
+  (id, user_id, prompt, status, queue_name, actor_name, args, kwargs, options, retry_count, max_retries,
+   error_message, created_at, run_at, started_at, completed_at, claim_token, locked_by)
+select gen_random_uuid(),
+       case when i %% 10 <> 0 then gen_random_uuid() end,
+       'Refactor the payment module and add tests for the refund path, case ' || i,
+       case when i %% 20 = 0 then 'failed'::public.job_status else 'completed'::public.job_status end,
+       'bench_throughput', 'bench_noop', '[]', '{}', '{}', 0, 3,
+       case when i %% 20 = 0 then 'RuntimeError: the sandbox exited with status 137 (case ' || i || ')' end,
+       at, at, at + interval '1 second', at + interval '40 seconds', gen_random_uuid(), 'history:1:0'
+  from generate_series(1, %s) as i,
+       lateral (select now() - interval '30 days' + i * (interval '30 days' / %s)) as t(at)
+"""
 
 
 class BenchError(Exception):
@@ -81,8 +101,24 @@ class SupabaseTarget(Target):
     label = "SupabaseBroker (PostgreSQL)"
     worker_module = "bench.supabase_worker"
 
-    def __init__(self, admin_url: str, prefix: str) -> None:
+    def __init__(
+        self,
+        admin_url: str,
+        prefix: str,
+        *,
+        claim_ahead: int | None = None,
+        history_rows: int = 0,
+        name: str = "",
+        label: str = "",
+    ) -> None:
         self.admin_url = admin_url
+        #: None: Dramatiq's prefetch (twice the threads); a number: the service's CLAIM_AHEAD_JOBS.
+        self.claim_ahead = claim_ahead
+        #: Completed and failed rows each round's table starts with (a month of history).
+        self.history_rows = history_rows
+        self._history: dict[str, int] = {}
+        self.name = name or self.name
+        self.label = label or self.label
         self.template = f"{prefix}_template"
         self.round_database: str | None = None
         self.round_url = ""
@@ -94,6 +130,11 @@ class SupabaseTarget(Target):
         try:
             url = self._create(self.template, template=None)
             apply_migrations(url, bootstrap=True)
+            if self.history_rows:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(HISTORY_SQL, (self.history_rows, self.history_rows))
+                    conn.execute("vacuum analyze public.coding_jobs")
+                    self._history = _statuses(conn)
         except psycopg.Error as exc:
             raise BenchError(f"PostgreSQL at {self.admin_url}: {exc}") from exc
 
@@ -124,16 +165,18 @@ class SupabaseTarget(Target):
             pending = _scalar(conn, "select count(*) from public.coding_jobs where status = 'pending'")
         if pending != jobs:
             raise BenchError(f"pre-loaded {pending} pending jobs, expected {jobs}")
-        return {DATABASE_URL_ENV: self.round_url}
+        env = {DATABASE_URL_ENV: self.round_url}
+        if self.claim_ahead is not None:
+            env[CLAIM_AHEAD_ENV] = str(self.claim_ahead)
+        return env
 
     def verify(self, jobs: int) -> dict[str, Any]:
         with psycopg.connect(self.round_url, autocommit=True) as conn:
-            statuses: dict[str, int] = dict(
-                conn.execute("select status::text, count(*) from public.coding_jobs group by 1").fetchall()
-            )
+            statuses = _statuses(conn)
             calls = self._function_calls(conn)
-        if statuses != {"completed": jobs}:
-            raise BenchError(f"expected {jobs} completed jobs, found {statuses}")
+        expected = {**self._history, "completed": self._history.get("completed", 0) + jobs}
+        if statuses != expected:
+            raise BenchError(f"expected {jobs} completed jobs besides the history, found {statuses}")
         if not calls:
             return {}
         claims = calls.get("claim_jobs", 0)
@@ -204,17 +247,26 @@ class RabbitmqTarget(Target):
 
     def setup(self) -> None:
         import pika.exceptions
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-        self.broker = RabbitmqBroker(url=self.url)
-        self.actor = declare_actor(self.broker)
         try:
-            self.broker.flush_all()
+            self._connect()
         except pika.exceptions.AMQPError as exc:
             raise BenchError(f"RabbitMQ at {self.url}: {exc!r}") from exc
 
-    def prepare(self, round_no: int, jobs: int) -> dict[str, str]:
+    def _connect(self) -> None:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.close()
+        self.broker = RabbitmqBroker(url=self.url)
+        self.actor = declare_actor(self.broker)
         self.broker.flush_all()
+
+    def prepare(self, round_no: int, jobs: int) -> dict[str, str]:
+        # A fresh connection each round: pika's blocking connection answers no heartbeats while the harness
+        # runs other rows, and the server drops it after a few minutes of that.
+        self._connect()
         # Dramatiq's own send path (no publisher confirms by default), the way a producer would pre-load it.
         for _ in range(jobs):
             self.actor.send()
@@ -286,6 +338,11 @@ def _wait_for(read: Any, expected: int, what: str) -> None:
         if time.monotonic() >= deadline:
             raise BenchError(f"{what} is {seen} after pre-loading, expected {expected}")
         time.sleep(0.1)
+
+
+def _statuses(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("select status::text, count(*) from public.coding_jobs group by 1").fetchall()
+    return {str(status): int(n) for status, n in rows}
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str) -> int:

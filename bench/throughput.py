@@ -31,7 +31,7 @@ from bench.report import RoundResult, render_markdown, summarise
 from bench.targets import BenchError, RabbitmqTarget, RedisTarget, SupabaseTarget, Target
 from bench.worker_process import run_worker
 
-BROKERS = ("supabase", "rabbitmq", "redis")
+BROKERS = ("supabase", "supabase-default", "rabbitmq", "redis")
 #: Seconds a round may take, boot included, beyond what the slowest plausible rate (200 jobs/s) needs.
 MIN_ROUND_TIMEOUT_S = 60.0
 SLOWEST_RATE_PER_S = 200
@@ -75,6 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_targets(args: argparse.Namespace) -> list[Target]:
     made: dict[str, Target] = {
         "supabase": SupabaseTarget(args.database_url, prefix=f"bench_throughput_{os.getpid()}"),
+        "supabase-default": SupabaseTarget(
+            args.database_url,
+            prefix=f"bench_throughput_default_{os.getpid()}",
+            claim_ahead=0,
+            name="supabase-default",
+            label="SupabaseBroker, service default (CLAIM_AHEAD_JOBS=0)",
+        ),
         "rabbitmq": RabbitmqTarget(args.rabbitmq_url),
         "redis": RedisTarget(args.redis_url),
     }

@@ -17,6 +17,7 @@ from dramatiq.middleware.retries import Retries
 
 from broker.acks import AckBatcher
 from broker.cancels import Cancellations
+from broker.claim_ahead import SHORT_JOB_S, ShortJobs
 from broker.consumer import JobConsumer
 from broker.defaults import (
     DEFAULT_LEASE_MS,
@@ -30,17 +31,11 @@ from broker.holdings import Holdings
 from broker.interrupts import JobCancelled, JobInterrupted, ShutdownDeadline, set_stop_check
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
-from broker.messages import (
-    IDEMPOTENCY_KEY_OPTION,
-    JobProxy,
-    error_text,
-    job_id_for,
-    new_job,
-    stored_options,
-)
+from broker.messages import JobProxy, error_text, job_id_for, stored_options
 from broker.operator_records import CancelOutcome
 from broker.presence import PresenceState
 from broker.retention import Pruner
+from broker.sending import SendingBroker
 from broker.settle import Settler
 from broker.supervision import ThreadStatus
 from broker.transport import Doorbell, Transport, WorkerInfo
@@ -56,7 +51,7 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class SupabaseBroker(dramatiq.Broker):
+class SupabaseBroker(SendingBroker):
     """A Dramatiq broker whose every state change is a call to the queue's SQL functions.
 
     Delays never reach the worker's in-memory delay queue: a delayed message is a row whose run_at is later,
@@ -84,8 +79,7 @@ class SupabaseBroker(dramatiq.Broker):
         if middleware is None:
             middleware = [m() for m in default_middleware if m is not Retries]
             middleware.insert(0, Retries(max_retries=max_retries))
-        super().__init__(middleware=middleware)
-        self.transport = transport
+        super().__init__(transport, middleware=middleware)
         self.queues: set[str] = set()
         self.worker_id = worker_id or default_worker_id()
         self.lease_ms = lease_ms
@@ -108,6 +102,7 @@ class SupabaseBroker(dramatiq.Broker):
         self.last_tick = time.time()
         self._lock = threading.RLock()
         self.holdings = Holdings()
+        self.short_jobs = ShortJobs()
         self.acks = AckBatcher(transport, self._completed)
         self.settler = Settler(transport, self.holdings, self.acks)
         self.cancellations = Cancellations(self.holdings)
@@ -144,19 +139,10 @@ class SupabaseBroker(dramatiq.Broker):
             self.queues.add(queue_name)
             self.emit_after("declare_queue", queue_name)
 
-    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+    def held_retry(self, message: Message[Any], delay: int | None) -> Message[Any] | None:
         if isinstance(message, JobProxy) and self.holdings.holds(message):
-            return self._retry(message, delay or 0)
-        self.emit_before("enqueue", message, delay)
-        job = new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)
-        if job.options.get(IDEMPOTENCY_KEY_OPTION) is None:
-            self.transport.enqueue([job])
-        else:
-            holder = self.transport.enqueue_unique(job)
-            if holder != job.id:  # the key's job already exists: the caller gets that one
-                message = message.copy(message_id=holder)
-        self.emit_after("enqueue", message, delay)
-        return message
+            return self._retry(message, delay or 0)  # a held job's retry reschedules its own row
+        return None
 
     def declare_actor(self, actor: dramatiq.Actor[Any, Any]) -> None:
         # A job the broker stopped is not retried by Dramatiq's Retries (its actor `throws` JobInterrupted):
@@ -246,10 +232,18 @@ class SupabaseBroker(dramatiq.Broker):
         return self.claiming and self.presence.may_claim()
 
     def capacity(self, queue_name: str, prefetch: int) -> int:
-        """Room to claim for one consumer: per queue with Dramatiq's prefetch, shared with claim_ahead."""
-        if self.claim_ahead is not None:
-            return prefetch - self.holdings.occupying()
-        return prefetch - self.holdings.occupying(queue_name)
+        """Room to claim for one consumer: per queue with Dramatiq's prefetch; shared with claim_ahead, plus
+        what short jobs allow (broker/claim_ahead.py)."""
+        if self.claim_ahead is None:
+            return prefetch - self.holdings.occupying(queue_name)
+        threads = self._running_threads() or 0
+        short = self.short_jobs.room(threads, self.holdings.running_longer_than(SHORT_JOB_S))
+        return prefetch + short - self.holdings.occupying()
+
+    def may_wait(self) -> int | None:
+        """Claimed jobs that may wait for a thread: any with Dramatiq's prefetch, else claim_ahead; the rest
+        go back to the queue when no thread freed up for them in time (broker/claim_ahead.py)."""
+        return self.claim_ahead
 
     def knows_actor(self, actor_name: str) -> bool:
         return actor_name in self.actors
@@ -330,9 +324,8 @@ class SupabaseBroker(dramatiq.Broker):
     def _starting(self, message: Any) -> None:
         if not isinstance(message, JobProxy):
             return
-        if message.settled or message.interrupted is not None:
+        if not self.holdings.started(message):
             raise SkipMessage(f"job {message.claim.job_id} is no longer held by this worker")
-        self.holdings.started(message)
         set_stop_check(lambda: self._must_stop(message))
 
     def _must_stop(self, proxy: JobProxy) -> bool:
@@ -347,6 +340,8 @@ class SupabaseBroker(dramatiq.Broker):
     def _finished(self, message: Any) -> None:
         set_stop_check(None)
         if isinstance(message, JobProxy):
+            if message.started_at is not None:
+                self.short_jobs.ran(time.monotonic() - message.started_at)
             self.holdings.stopped(message)
             self.holdings.done_running(message)
 
@@ -357,15 +352,6 @@ class SupabaseBroker(dramatiq.Broker):
         if self.concurrency is None:
             return self._worker_threads
         return min(self._worker_threads, self.concurrency)
-
-    def _max_retries(self, message: Message[Any]) -> int:
-        actor = self.actors.get(message.actor_name)
-        if actor is not None and "max_retries" in actor.options:
-            return int(actor.options["max_retries"])
-        for middleware in self.middleware:
-            if isinstance(middleware, Retries):
-                return int(middleware.max_retries)
-        return DEFAULT_MAX_RETRIES
 
     def _start_background(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from typing import Protocol
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.logging import get_logger
 
+from broker.claim_ahead import HAND_BACK_AFTER_S
 from broker.errors import ConnectionClosed
 from broker.holdings import Holdings
 from broker.messages import JobProxy, UndecodableJob, decode, error_text
@@ -45,6 +46,9 @@ class ConsumerHost(Protocol):
     def may_claim(self) -> bool: ...
 
     def capacity(self, queue_name: str, prefetch: int) -> int: ...
+
+    def may_wait(self) -> int | None:
+        """Claimed jobs that may wait for a thread without going back to the queue; None: any number."""
 
     def knows_actor(self, actor_name: str) -> bool: ...
 
@@ -82,6 +86,8 @@ class JobConsumer(Consumer):
         self._claim_token: str | None = None  # kept until a claim gets an answer
         self._failures = 0
         self._retry_at = 0.0  # monotonic seconds
+        #: Monotonic time at which a job claimed ahead may have to go back to the queue; None: none can.
+        self._hand_back_at: float | None = None
         #: Room to wait for before claiming again after a full batch: claims stay batches.
         self._refill_at = max(1, self.prefetch // 2)
         self._capacity_freed: Callable[[], None] = self.capacity_freed
@@ -108,6 +114,7 @@ class JobConsumer(Consumer):
         deadline = time.monotonic() + self.timeout_s
         while True:
             self.broker.last_tick = time.time()
+            self._hand_back_waiting()
             while self._buffer:
                 proxy = self._buffer.popleft()
                 if not proxy.settled:
@@ -149,6 +156,8 @@ class JobConsumer(Consumer):
                 timeout = min(timeout, max(wake - now, 0.0))
                 if self._due_s:
                     timeout = min(timeout, max(self._due_s[0] - time.time(), 0.0))
+            if self._hand_back_at is not None and self.broker.may_wait() is not None:
+                timeout = min(timeout, max(self._hand_back_at - time.monotonic(), 0.0))
             self._cond.wait(timeout)
 
     def _claim(self) -> None:
@@ -190,13 +199,47 @@ class JobConsumer(Consumer):
             except UndecodableJob as exc:
                 self._refuse(job, f"payload does not decode: {exc}")
                 continue
+            proxy.claimed_at = sent_at
             self.broker.holdings.hold(proxy)
+            if self._hand_back_at is None:
+                self._hand_back_at = sent_at + HAND_BACK_AFTER_S
             if not self.broker.knows_actor(proxy.actor_name):
                 self._postpone_unknown(proxy, job)
                 continue
             taken.append(proxy)
         self.broker.claimed(taken, sent_at)
         self._buffer.extend(taken)
+
+    def _hand_back_waiting(self) -> None:
+        """Claimed jobs beyond what may wait that found no free thread in time go back (claim_ahead.py)."""
+        allowed = self.broker.may_wait()
+        now = time.monotonic()
+        if allowed is None or self._hand_back_at is None or now < self._hand_back_at:
+            return
+        waiting = self.broker.holdings.waiting(self.queue_name)  # oldest claim first
+        stale = [p for p in waiting if p.claimed_at <= now - HAND_BACK_AFTER_S]
+        remaining = stale[:allowed] + waiting[len(stale) :]
+        # Look again when the first job beyond those that may wait turns stale (a claim sets it sooner).
+        self._hand_back_at = (
+            remaining[allowed].claimed_at + HAND_BACK_AFTER_S if len(remaining) > allowed else None
+        )
+        waiting = self.broker.holdings.take_back(stale[allowed:])
+        if not waiting:
+            return
+        try:
+            released = self.settler.release(waiting)
+        except ConnectionClosed as exc:
+            # Let go, not extended: the heartbeat hands back jobs claimed for this worker but not held.
+            self.logger.warning("Could not hand back %d job(s) (%s); they will come back.", len(waiting), exc)
+            for proxy in waiting:
+                self.settler.let_go(proxy)
+            return
+        self.logger.info(
+            "Handed back %d job(s) of queue %r claimed ahead: no thread freed up within %.0f ms.",
+            released,
+            self.queue_name,
+            HAND_BACK_AFTER_S * 1000,
+        )
 
     def _refuse(self, job: ClaimedJob, reason: str) -> None:
         self.logger.error("Job %s is dead-lettered: %s", job.id, reason)

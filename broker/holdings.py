@@ -74,12 +74,41 @@ class Holdings:
             return self._occupying[queue_name]
 
     # -- running --------------------------------------------------------------------------------------
-    def started(self, proxy: JobProxy) -> None:
-        """Called on the worker thread as the job starts."""
+    def started(self, proxy: JobProxy) -> bool:
+        """Called on the worker thread as the job starts; False when it must not run (no longer ours)."""
         with self._lock:
-            if self.holds(proxy):
-                self._running[proxy.claim.job_id] = threading.get_ident()
-                proxy.started_at = time.monotonic()
+            if proxy.settled or proxy.interrupted is not None or proxy.handing_back or not self.holds(proxy):
+                return False
+            self._running[proxy.claim.job_id] = threading.get_ident()
+            proxy.started_at = time.monotonic()
+            return True
+
+    def running_longer_than(self, seconds: float) -> int:
+        """Jobs that have been running for more than `seconds`."""
+        since = time.monotonic() - seconds
+        with self._lock:
+            started = (self._held[job_id].started_at for job_id in self._running if job_id in self._held)
+            return sum(1 for at in started if at is not None and at < since)
+
+    def waiting(self, queue_name: str) -> list[JobProxy]:
+        """Jobs of the queue claimed and not started yet, oldest claim first."""
+        with self._lock:
+            found = [
+                p
+                for p in self._held.values()
+                if p.queue_name == queue_name and p.started_at is None and p.occupying and not p.handing_back
+            ]
+        return sorted(found, key=lambda p: p.claimed_at)
+
+    def take_back(self, proxies: list[JobProxy]) -> list[JobProxy]:
+        """Mark those of `proxies` that still have not started as going back; no thread will start them."""
+        taken = []
+        with self._lock:
+            for proxy in proxies:
+                if proxy.started_at is None and not (proxy.settled or proxy.handing_back or proxy.finishing):
+                    proxy.handing_back = True
+                    taken.append(proxy)
+        return taken
 
     def stopped(self, proxy: JobProxy) -> None:
         """Called on the worker thread as the job's run ends, before any hook that settles it."""

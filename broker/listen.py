@@ -34,6 +34,7 @@ from broker.transport import (
     PresencePolicy,
     RingCallback,
     WorkerInfo,
+    ring_due_at_ms,
 )
 
 #: The channel the queue's triggers notify on.
@@ -266,6 +267,6 @@ def _keepalives() -> dict[str, str]:
 
 def _parse_ring(data: Any) -> tuple[str | None, int]:
     try:
-        return str(data["queue"]), int(data["run_at"])
-    except (KeyError, TypeError, ValueError):
+        return str(data["queue"]), ring_due_at_ms(data)
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None, 0

@@ -66,6 +66,10 @@ class JobProxy(MessageProxy):
         self.occupying = True
         #: Monotonic seconds at which its run started (None before).
         self.started_at: float | None = None
+        #: Monotonic seconds at which its claim was sent.
+        self.claimed_at = 0.0
+        #: Set when it is being handed back unstarted (claimed ahead, no thread freed up): it must not start.
+        self.handing_back = False
         #: Monotonic seconds until which its lease is known to hold (set by the claim and each extension).
         self.lease_valid_until = math.inf
 

@@ -24,6 +24,7 @@ from broker.operations import SqlArg
 from broker.polling import PollingDoorbell, PollPolicy
 from broker.pooling import CachedSemantics, SessionSemantics, detect_session_semantics, poll_only
 from broker.transport import (
+    CLAIMED_COLUMNS,
     Claim,
     ClaimedJob,
     Doorbell,
@@ -62,6 +63,10 @@ def login_error(exc: psycopg.OperationalError) -> Exception:
         # libpq's message names the host, port and user, never the password.
         return QueueAccessDenied(message.removeprefix("connection failed: "), DATABASE_LOGIN_HINT)
     return ConnectionClosed(exc)
+
+
+#: The claim, asking for the columns the worker reads (their names are ClaimedJob's fields, written here).
+_CLAIM_SQL = f"select {', '.join(CLAIMED_COLUMNS)} from public.claim_jobs(%s, %s, %s, %s, %s::uuid)"
 
 
 def _claims(claims: Sequence[Claim]) -> tuple[list[str], list[str]]:
@@ -169,6 +174,22 @@ class PostgresTransport(Transport):
         self.session_semantics()
 
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
+        if len(jobs) == 1:
+            # One send(): typed parameters, nothing to unpack (enqueue_job; 20261202000400_performance.sql).
+            [job] = jobs
+            params = (
+                job.id,
+                job.queue_name,
+                job.actor_name,
+                Jsonb(job.args),
+                Jsonb(job.kwargs),
+                Jsonb(job.options),
+                job.priority,
+                job.max_retries,
+                job.delay_ms,
+            )
+            query = "select public.enqueue_job(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            return int(self.calls.value(query, params, idempotent=True) or 0)
         payload = Jsonb([job.as_json() for job in jobs])
         return int(self.calls.value("select public.enqueue_jobs(%s)", (payload,), idempotent=True) or 0)
 
@@ -180,9 +201,7 @@ class PostgresTransport(Transport):
         self, worker_id: str, queue_name: str, limit: int, lease_ms: int, claim_token: str
     ) -> list[ClaimedJob]:
         rows = self.calls.rows(
-            "select * from public.claim_jobs(%s, %s, %s, %s, %s::uuid)",
-            (worker_id, queue_name, limit, lease_ms, claim_token),
-            idempotent=True,
+            _CLAIM_SQL, (worker_id, queue_name, limit, lease_ms, claim_token), idempotent=True
         )
         if rows:
             self.last_work_at = time.monotonic()

@@ -31,7 +31,7 @@ from loguru import logger
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import BroadcastPayload, RealtimeChannelOptions
 
-from broker.transport import CancelCallback, Doorbell, RingCallback
+from broker.transport import CancelCallback, Doorbell, RingCallback, ring_due_at_ms
 
 #: The Broadcast topic the migration's trigger sends to (the wire topic is `realtime:coding_jobs`).
 TOPIC = "coding_jobs"
@@ -144,7 +144,7 @@ class RealtimeDoorbell(Doorbell):
         def on_ring(message: BroadcastPayload) -> None:
             payload: dict[str, Any] = message.get("payload") or {}
             try:
-                queue, run_at = str(payload["queue"]), int(payload.get("run_at") or 0)
+                queue, run_at = str(payload["queue"]), ring_due_at_ms(payload)
             except (KeyError, TypeError, ValueError):
                 queue, run_at = None, 0
             _ring(ring, queue, run_at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -14,12 +15,26 @@ from broker.operations import QueueOperations
 #: session ends (direct or session-pooled connections), or heartbeats (transaction poolers, the REST API).
 PresenceMode = Literal["lock", "heartbeat"]
 
-#: Called by a doorbell with a queue name and the earliest run time in epoch milliseconds;
+#: Called by a doorbell with a queue name and the earliest run time in epoch milliseconds (this host's clock);
 #: a queue name of None means "anything may have changed" (after a (re)subscribe).
 RingCallback = Callable[[str | None, int], None]
 
 #: Called by a doorbell with the id of a job whose cancellation was asked for (its holder stops it).
 CancelCallback = Callable[[str], None]
+
+
+def ring_due_at_ms(payload: dict[str, Any]) -> int:
+    """When a ring's earliest job is due, in epoch milliseconds by this host's clock.
+
+    A ring says how long until then by the database's clock (`delay_ms`), so a host whose clock runs behind
+    the database's neither waits for a job due now nor claims a delayed one early; rings of the previous
+    version say only `run_at`, by the database's clock (none: due now). Raises TypeError or ValueError for a
+    value that is not a number.
+    """
+    delay_ms = payload.get("delay_ms")
+    if delay_ms is not None:
+        return int(time.time() * 1000) + max(int(delay_ms), 0)
+    return int(payload.get("run_at") or 0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,7 +52,18 @@ class NewJob:
     delay_ms: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: that deep-copies args, kwargs and options, a third of a send's Python time.
+        return {
+            "id": self.id,
+            "queue_name": self.queue_name,
+            "actor_name": self.actor_name,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "options": self.options,
+            "priority": self.priority,
+            "max_retries": self.max_retries,
+            "delay_ms": self.delay_ms,
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,6 +105,11 @@ class ClaimedJob:
             session_id=str(session_id) if session_id is not None else None,
             prompt=row.get("prompt"),
         )
+
+
+#: The columns of a claimed row the worker reads: ClaimedJob's fields, each named as its column. A claim asks
+#: for these only, not the whole row (a retried job's error text alone can be 8,000 characters).
+CLAIMED_COLUMNS = tuple(field.name for field in dataclasses.fields(ClaimedJob))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -149,6 +149,7 @@ def test_every_command_block_runs_as_written(
         "import uuid",
         "import dramatiq",
         "cp .env.example .env",
+        "import uuid",  # batch enqueue
         "import dramatiq",  # an actor that checks should_stop()
         "import dramatiq",  # periodic actors and a unique send
     ]

@@ -221,7 +221,8 @@ def test_inserts_broadcast_one_small_ring_per_queue_and_statement(
         ("b", RING_EVENT, TOPIC, True),
         ("default", RING_EVENT, TOPIC, True),
     ]
-    assert all(set(r["payload"]) == {"queue", "run_at"} for r in sent)
+    assert all(set(r["payload"]) == {"queue", "run_at", "delay_ms"} for r in sent)
+    assert all(r["payload"]["delay_ms"] == 0 for r in sent)
     assert all(abs(r["payload"]["run_at"] / 1000 - time.time()) < 60 for r in sent)
 
 
