@@ -157,7 +157,7 @@ class Keeper:
             elif self.presence.registered:
                 self.logger.warning("The registry dropped this worker; registering it again.")
                 self.presence.unregistered()
-        elif not registered and self.presence.registered:
+        elif not registered and self.presence.registered and self.presence.news_since(sent_at):
             self.presence.unregistered()
             doorbell = self.doorbell()
             if doorbell is not None:

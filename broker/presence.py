@@ -34,12 +34,22 @@ class PresenceState:
         self._up = False
         self._down_since: float | None = None
         self._confirmed_at: float | None = None
+        self._up_at: float | None = None
 
     # -- lock presence: the doorbell's session ------------------------------------------------------------
     def session_up(self) -> None:
         with self._lock:
             self._up = True
             self._down_since = None
+            self._up_at = self._clock()
+
+    def news_since(self, sent_at: float) -> bool:
+        """Whether a reply to a request sent at monotonic `sent_at` is newer than the last session_up.
+
+        A heartbeat sent before the doorbell registered this worker finds it unregistered: old news.
+        """
+        with self._lock:
+            return self._up_at is None or sent_at >= self._up_at
 
     def session_down(self, reason: str) -> None:
         with self._lock:
