@@ -18,10 +18,13 @@ from broker.operator_records import (
     HISTORY_MINUTES,
     ActorStat,
     CancelOutcome,
+    FairnessSettings,
     JobDetail,
     JobFilter,
     JobSummary,
     PausedQueue,
+    PlanLimit,
+    PlanShare,
     PruneResult,
     QueueMinute,
     RetriedJob,
@@ -91,6 +94,20 @@ class QueueOperations(abc.ABC):
         rows = self._call("get_job", p_job_id=SqlArg(job_uuid(job_id), "uuid"))
         return JobDetail.from_row(rows[0]) if rows else None
 
+    def plan_limits(self) -> list[PlanLimit]:
+        """The plans, lowest tier first: the priorities each covers and its cap (get_plan_limits)."""
+        return [PlanLimit.from_row(row) for row in self._call("get_plan_limits")]
+
+    def plans(self) -> list[PlanShare]:
+        """Each plan's tier and cap, and how its users' jobs stand (get_plan_limits, get_fairness_stats)."""
+        stats = {row["plan"]: row for row in self._call("get_fairness_stats")}
+        return [PlanShare.from_rows(limit, stats.get(limit.plan)) for limit in self.plan_limits()]
+
+    def fairness_settings(self) -> FairnessSettings:
+        """The fair share switch and aging step (get_fairness)."""
+        [row] = self._call("get_fairness")
+        return FairnessSettings.from_row(row)
+
     # -- changes --------------------------------------------------------------------------------------
     def cancel(self, job_ids: Sequence[str], reason: str | None = None) -> list[CancelOutcome]:
         """Cancel jobs: pending ones never run, running ones are stopped by their worker."""
@@ -151,3 +168,31 @@ class QueueOperations(abc.ABC):
             p_max_batches=SqlArg(max_batches, "integer"),
         )
         return PruneResult(int(row["deleted"]), bool(row["more"]))
+
+    def set_plan_limit(self, plan: str, priority: int, max_running: int | None) -> list[PlanLimit]:
+        """Add a plan or change its tier's lowest priority or its cap (None: no cap); the plans after it.
+
+        A plan that had this priority already is replaced by this one (set_plan_limit). Jobs running are never
+        stopped by a lower cap: it holds from the next claim.
+        """
+        self._call(
+            "set_plan_limit",
+            p_plan=SqlArg(plan, "text"),
+            p_priority=SqlArg(priority, "integer"),
+            p_max_running=SqlArg(max_running, "integer"),
+        )
+        return self.plan_limits()
+
+    def delete_plan_limit(self, plan: str) -> bool:
+        """Forget a plan (its priorities fall under the next lower plan, or no cap); True when it existed."""
+        [row] = self._call("delete_plan_limit", p_plan=SqlArg(plan, "text"))
+        return bool(row["deleted"])
+
+    def set_fairness(self, enabled: bool | None = None, aging_step_ms: int | None = None) -> FairnessSettings:
+        """Turn fair share on or off and change the aging step; None leaves a setting as it is."""
+        [row] = self._call(
+            "set_fairness",
+            p_enabled=SqlArg(enabled, "boolean"),
+            p_aging_step_ms=SqlArg(aging_step_ms, "integer"),
+        )
+        return FairnessSettings.from_row(row)

@@ -1,4 +1,4 @@
-"""What the operator's functions answer, as records: jobs, attempts, counts, workers, pauses, outcomes.
+"""What the operator's functions answer, as records: jobs, attempts, counts, workers, pauses, outcomes, plans.
 
 Built from the rows of either transport (psycopg's datetimes and UUIDs, or the REST API's JSON strings).
 """
@@ -23,12 +23,19 @@ RETRYABLE_STATUSES = ("failed", "cancelled")
 MAX_LISTED_JOBS = 1000
 #: Minutes of history the dashboard charts.
 HISTORY_MINUTES = 60
+#: Plan tiers are priorities 0..TOP_PRIORITY; aging raises a waiting job one step per aging step, so a pending
+#: job ranks with the top tier after TOP_PRIORITY aging steps (get_fairness's top_tier_after_ms).
+TOP_PRIORITY = 10
 
 
 def _time(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value))
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _id(value: Any) -> str | None:
@@ -270,6 +277,85 @@ class PruneResult:
 
     deleted: int
     more: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanLimit:
+    """One plan of get_plan_limits(): the priorities of its tier and its cap on one user's running jobs."""
+
+    plan: str
+    #: The tier's lowest priority and its highest (the next plan's lowest, less one; or TOP_PRIORITY).
+    priority: int
+    max_priority: int
+    #: Running jobs allowed per user; None: no cap.
+    max_running: int | None
+    updated_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PlanLimit:
+        return cls(
+            plan=row["plan"],
+            priority=int(row["priority"]),
+            max_priority=int(row["max_priority"]),
+            max_running=_count(row["max_running"]),
+            updated_at=_time(row["updated_at"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanShare:
+    """One plan as the operator sees it: its tier and cap (get_plan_limits) and how its users' jobs stand
+    (get_fairness_stats)."""
+
+    plan: str
+    priority: int
+    max_priority: int
+    max_running: int | None
+    running_jobs: int
+    running_users: int
+    users_at_cap: int
+    #: Due pending jobs whose user is at the cap: waiting for a slot of their own, not for a worker.
+    capped_pending_jobs: int
+    #: Creation time of the oldest due pending job of the tier.
+    oldest_pending_at: datetime | None
+
+    @classmethod
+    def from_rows(cls, limit: PlanLimit, stats: Mapping[str, Any] | None) -> PlanShare:
+        """A plan's limit and its get_fairness_stats() row (None: the plan is newer than the stats)."""
+        stats = stats or {}
+        return cls(
+            plan=limit.plan,
+            priority=limit.priority,
+            max_priority=limit.max_priority,
+            max_running=limit.max_running,
+            running_jobs=int(stats.get("running_jobs") or 0),
+            running_users=int(stats.get("running_users") or 0),
+            users_at_cap=int(stats.get("users_at_cap") or 0),
+            capped_pending_jobs=int(stats.get("capped_pending_jobs") or 0),
+            oldest_pending_at=_time(stats.get("oldest_pending_at")),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FairnessSettings:
+    """The fair share switch and aging step (get_fairness): off, claims take the highest priority, then the
+    oldest, with no caps."""
+
+    enabled: bool
+    #: milliseconds of waiting that raise a pending job's effective priority by one step
+    aging_step_ms: int
+    #: milliseconds after which a pending job ranks with the top tier (TOP_PRIORITY aging steps)
+    top_tier_after_ms: int
+    updated_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> FairnessSettings:
+        return cls(
+            enabled=bool(row["enabled"]),
+            aging_step_ms=int(row["aging_step_ms"]),
+            top_tier_after_ms=int(row["top_tier_after_ms"]),
+            updated_at=_time(row["updated_at"]),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
