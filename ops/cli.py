@@ -8,10 +8,14 @@
     supabase-queue-worker pause QUEUE [--reason TEXT] | resume QUEUE
     supabase-queue-worker prune [--completed-days N] [--failed-days N]
     supabase-queue-worker workers                          which workers hold which jobs
+    supabase-queue-worker plans                            fair share: each plan's tier, cap, users at it
+    supabase-queue-worker plans set PLAN --priority N (--max-running M | --no-cap) | plans delete PLAN
+    supabase-queue-worker fairness [on|off] [--aging-step-ms N]   the switch and the aging step
 
 Every read command takes `--json`. The queue is the one the settings point at (DATABASE_URL, or SUPABASE_URL
-and the service role key), like the worker's. Exit codes: 0 done, 1 the queue refused the request, 2 a
-configuration or usage mistake, 3 the queue cannot be reached.
+and the service role key), like the worker's. Exit codes: 0 done, 1 the queue refused the request (no such job
+or plan), 2 a configuration or usage mistake, 3 the queue cannot be reached. The fair share commands live in
+ops/fair_share.py.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from broker.errors import ConnectionClosed, QueueAccessDenied, QueueError, Queue
 from broker.operator_records import JOB_STATUSES, MAX_LISTED_JOBS, JobFilter, PausedQueue
 from broker.retention import retention_ms
 from broker.transport import Transport
+from ops import fair_share
 from ops.render import ago, duration, print_json, print_table
 from service.errors import ConfigurationError
 from service.exit_codes import EXIT_CONFIGURATION, EXIT_REFUSED, EXIT_UNREACHABLE
@@ -87,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--failed-days", type=int, help="keep failed jobs this long")
 
     command("workers", "registered workers and the jobs each holds")
+    fair_share.add_commands(command)
     return top
 
 
@@ -106,6 +112,8 @@ def run(argv: Sequence[str], transport: Transport, settings: Settings, out: Text
         "resume": _resume,
         "prune": _prune,
         "workers": _workers,
+        "plans": fair_share.plans_command,
+        "fairness": fair_share.fairness_command,
     }[args.command]
     return handler(args, transport, settings, out)
 

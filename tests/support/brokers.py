@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -202,3 +203,17 @@ def insert_job(db: Db, **columns: Any) -> str:
 def _brief(row: Row) -> dict[str, Any]:
     keys = ("status", "actor_name", "queue_name", "retry_count", "run_at", "locked_by", "error_message")
     return {k: row.get(k) for k in keys}
+
+
+def user_at_the_free_cap(db: Db, jobs: int = 3, worker_id: str = "capped-worker") -> str:
+    """A Free user (cap 1) with `jobs` due jobs: one claimed by a registered worker, the rest capped."""
+    user = str(uuid.uuid4())
+    for n in range(jobs):
+        insert_job(db, prompt=f"free job {n}", user_id=user, priority=0)
+    db.execute("select public.register_worker(%s, 'heartbeat', 600000)", (worker_id,))
+    claimed = db.execute(
+        "select id from public.claim_jobs(%s, 'default', %s, 60000, %s::uuid)",
+        (worker_id, jobs, str(uuid.uuid4())),
+    ).fetchall()
+    assert len(claimed) == 1, "the Free cap lets one job of the user start"
+    return user
