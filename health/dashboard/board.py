@@ -8,9 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 from broker.operator_records import (
     HISTORY_MINUTES,
+    FairnessSettings,
     JobFilter,
     JobSummary,
     PausedQueue,
+    PlanShare,
     QueueMinute,
     WorkerRecord,
 )
@@ -58,6 +60,9 @@ class Board:
     failed: tuple[JobSummary, ...]
     cancelled: tuple[JobSummary, ...]
     workers: tuple[WorkerRecord, ...]
+    #: Fair share: each plan's tier, cap and users at it, and the switch with its aging step.
+    plans: tuple[PlanShare, ...]
+    fairness: FairnessSettings
     depth: Chart
     throughput: Chart
 
@@ -77,6 +82,8 @@ def read_board(transport: Transport) -> Board:
         failed=tuple(transport.list_jobs(JobFilter(status="failed"), limit=LISTED_JOBS)),
         cancelled=tuple(transport.list_jobs(JobFilter(status="cancelled"), limit=LISTED_JOBS // 2)),
         workers=tuple(transport.workers()),
+        plans=tuple(transport.plans()),
+        fairness=transport.fairness_settings(),
         depth=_chart(history, now, DEPTH_STATUSES, depth=True),
         throughput=_chart(history, now, FINISH_STATUSES, depth=False),
     )

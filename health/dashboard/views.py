@@ -10,7 +10,14 @@ import dataclasses
 from datetime import datetime
 from html import escape
 
-from broker.operator_records import JobDetail, JobSummary, WorkerRecord
+from broker.operator_records import (
+    TOP_PRIORITY,
+    FairnessSettings,
+    JobDetail,
+    JobSummary,
+    PlanShare,
+    WorkerRecord,
+)
 from health.dashboard.board import Board, QueueRow, age_s
 from health.dashboard.charts import STATUS_CLASSES, bar_chart, line_chart
 from health.monitor import STATUSES
@@ -133,6 +140,7 @@ def live_part(board: Board, viewer: Viewer) -> str:
             f'<p class="updated">Updated {stamp(board.now)} UTC</p>',
             _alerts(board),
             _queues(board.queues, viewer),
+            _plans(board.plans, board.fairness, board),
             '<section class="charts"><figure>'
             + line_chart("Queue depth by status, last hour", board.depth)
             + "<figcaption>Queue depth, last hour</figcaption></figure><figure>"
@@ -184,6 +192,48 @@ def _queues(queues: tuple[QueueRow, ...], viewer: Viewer) -> str:
         f"{head}<th>Oldest wait</th><th>Workers</th><th></th></tr></thead>"
         f"<tbody>{body}</tbody></table></section>"
     )
+
+
+def _plans(plans: tuple[PlanShare, ...], fairness: FairnessSettings, board: Board) -> str:
+    """Fair share, read-only: the CLI's `plans` and `fairness` change it."""
+    rows = []
+    for plan in plans:
+        tier = (
+            str(plan.priority)
+            if plan.priority == plan.max_priority
+            else f"{plan.priority}&ndash;{plan.max_priority}"
+        )
+        cap = "no cap" if plan.max_running is None else f"{plan.max_running}"
+        waiting = "" if plan.oldest_pending_at is None else duration(age_s(plan.oldest_pending_at, board.now))
+        counts = (plan.running_jobs, plan.running_users, plan.users_at_cap, plan.capped_pending_jobs)
+        cells = "".join(f'<td class="num">{count:,}</td>' for count in counts)
+        rows.append(
+            f'<tr data-plan="{e(plan.plan)}"><th scope="row">{e(plan.plan)}</th><td class="num">{tier}</td>'
+            f'<td class="num">{cap}</td>{cells}<td class="num">{waiting}</td></tr>'
+        )
+    body = "".join(rows) or '<tr><td colspan="8" class="none">No plan: no job is capped.</td></tr>'
+    step = _milliseconds(fairness.aging_step_ms)
+    if fairness.enabled:
+        setting = (
+            f"Fair share is <b>on</b>; aging step {step}: a pending job reaches the top tier after "
+            f"{TOP_PRIORITY} &times; aging step ({_milliseconds(fairness.top_tier_after_ms)})."
+        )
+    else:
+        setting = (
+            "Fair share is <b>off</b>: claims take the highest priority, then the oldest, with no caps "
+            f"(aging step when on: {step})."
+        )
+    return (
+        '<section id="plans"><h2>Plans / fair share</h2>'
+        f'<p class="fairness" data-enabled="{str(fairness.enabled).lower()}">{setting}</p>'
+        '<table class="plans"><thead><tr><th>Plan</th><th>Priorities</th><th>Cap per user</th>'
+        "<th>Running jobs</th><th>Running users</th><th>Users at cap</th><th>Capped pending</th>"
+        f"<th>Oldest wait</th></tr></thead><tbody>{body}</tbody></table></section>"
+    )
+
+
+def _milliseconds(milliseconds: int) -> str:
+    return f"{milliseconds:,} ms" if milliseconds % 1000 else duration(milliseconds // 1000)
 
 
 def _jobs(title: str, kind: str, jobs: tuple[JobSummary, ...], board: Board, viewer: Viewer) -> str:

@@ -17,7 +17,7 @@ from broker.postgres import PostgresTransport
 from broker.transport import QueueStat, Transport
 from health.dashboard.app import create_dashboard_app
 from health.dashboard.auth import SESSION_COOKIE
-from tests.support.brokers import Db, insert_job, job
+from tests.support.brokers import Db, insert_job, job, user_at_the_free_cap
 
 TOKEN = "dashboard-token-" + uuid.uuid4().hex
 #: A prompt longer than any excerpt, with a marker at its end that must never be shown.
@@ -87,6 +87,36 @@ def test_the_main_page_shows_queues_jobs_and_workers_read_only(db: Db, transport
     assert client.simulate_get(f"/jobs/{uuid.uuid4()}").status_code == 404
     assert client.simulate_get("/static/dashboard.js").status_code == 200
     assert client.simulate_get("/static/dashboard.css").status_code == 200
+
+
+def test_the_main_page_shows_the_plans_and_fair_share(db: Db, transport: Transport) -> None:
+    # Given a Free user at the cap (one job running, two waiting for it) and a plan without a cap
+    user_at_the_free_cap(db)
+    db.execute("select public.set_plan_limit('team', 7, null)")
+    db.execute("select public.set_fairness(p_aging_step_ms => 60000)")
+    client = testing.TestClient(create_dashboard_app(transport, None))
+
+    # When anyone who may see the page looks at it, and at its refreshed part
+    pages = [client.simulate_get(path).text for path in ("/", "/live")]
+
+    # Then the plans panel shows each plan's tier, cap and users at it, and the fairness setting
+    for text in pages:
+        [panel] = re.findall(r'<section id="plans">.*?</section>', text)
+        rows = {
+            plan: re.findall(r"<t[dh][^>]*>([^<]*)</t[dh]>", row)
+            for plan, row in re.findall(r'<tr data-plan="([^"]+)">(.*?)</tr>', panel)
+        }
+        assert list(rows) == ["free", "starter", "team", "pro"]
+        # plan, priorities, cap, running jobs, running users, users at cap, capped pending, oldest wait
+        assert rows["free"][:7] == ["free", "0&ndash;4", "1", "1", "1", "1", "2"] and rows["free"][7]
+        assert rows["team"][:7] == ["team", "7&ndash;9", "no cap", "0", "0", "0", "0"]
+        assert rows["pro"][1:3] == ["10", "5"]
+        assert "Fair share is <b>on</b>; aging step 1 min 0 s" in panel
+        assert "top tier after 10 &times; aging step (10 min 0 s)" in panel
+        assert "<form" not in panel  # read-only: the CLI changes it
+
+    db.execute("select public.set_fairness(false)")
+    assert "Fair share is <b>off</b>" in client.simulate_get("/live").text
 
 
 @pytest.fixture
