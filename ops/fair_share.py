@@ -134,7 +134,7 @@ def _set_plan(args: argparse.Namespace, transport: Transport, out: TextIO) -> in
         out.write(f"Set plan {args.plan!r}, which another change has replaced since.\n")
     else:
         out.write(
-            f"Plan {plan.plan!r}: priorities {_tier(plan.priority, plan.max_priority)}, "
+            f"Plan {plan.plan!r}: {_priorities(plan.priority, plan.max_priority)}, "
             f"{_cap_sentence(plan.max_running)}"
             + (f"; it replaces plan {replaced[0]!r}" if replaced else "")
             + ". Running jobs are never stopped: the cap holds from the next claim.\n\n"
@@ -197,6 +197,10 @@ def _wait_s(share: PlanShare, now: datetime) -> float | None:
 
 def _tier(low: int, high: int) -> str:
     return str(low) if low == high else f"{low}-{high}"
+
+
+def _priorities(low: int, high: int) -> str:
+    return f"priority {low}" if low == high else f"priorities {low}-{high}"
 
 
 def _cap(max_running: int | None) -> str:
