@@ -58,16 +58,25 @@ def seed(db: Db) -> dict[str, str]:
         "failed": insert_job(db, prompt="Migrate the billing tables", actor_name="run_coding_job"),
         "running": insert_job(db, prompt="Write tests for the export module", queue_name="long"),
     }
+    # A Free user (cap 1) with two sandbox jobs: one runs, the other waits for the user's own slot.
+    free_user = uuid.uuid4()
+    for step in ("Lint the repository", "Format the repository"):
+        insert_job(db, prompt=step, queue_name="sandbox", priority=0, user_id=free_user)
     for n in range(6):
         insert_job(db, prompt=f"Fix lint warnings in package {n}", priority=(0, 5, 10)[n % 3])
     db.execute(
         "select public.register_worker('worker-a:4242:9f2c1e', 'heartbeat', 600000, 'worker-a', 4242,"
-        " '{long}')"
+        " '{long,sandbox}')"
     )
     db.execute(
         "select * from public.claim_jobs('worker-a:4242:9f2c1e', 'long', 1, 600000, %s::uuid)",
         (str(uuid.uuid4()),),
     )
+    sandbox = db.execute(
+        "select id from public.claim_jobs('worker-a:4242:9f2c1e', 'sandbox', 2, 600000, %s::uuid)",
+        (str(uuid.uuid4()),),
+    ).fetchall()
+    assert len(sandbox) == 1, "the Free cap lets one of the user's jobs start"
     db.execute(
         "update public.coding_jobs set status = 'failed', completed_at = now(), retry_count = 3,"
         " attempts = %s, error_message = 'RuntimeError: the sandbox ran out of memory' where id = %s",
@@ -117,6 +126,14 @@ def test_the_dashboard_works_in_a_real_browser_behind_a_path_prefix(
             assert "Add dark mode to the settings page" in page.text("#pending")
             assert "RuntimeError: the sandbox ran out of memory" in page.text("#failed")
             assert "worker-a:4242:9f2c1e" in page.text("#workers")
+            # And fair share: the Free user runs one job and waits for its own slot with the other
+            free = page.evaluate(
+                "Array.from(document.querySelectorAll('#plans tr[data-plan=\"free\"] td.num'))"
+                ".map(cell => cell.textContent)"
+            )
+            assert free[:6] == ["0\u20134", "1", "1", "1", "1", "1"], (
+                free
+            )  # priorities, cap, running, users, at cap, capped
             header = page.evaluate("getComputedStyle(document.querySelector('header')).backgroundColor")
             assert header == "rgb(24, 32, 46)", "the stylesheet loads through the prefix"
             assert page.evaluate("document.querySelectorAll('svg.chart').length") == 2
