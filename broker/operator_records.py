@@ -11,6 +11,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+#: The message option that carries a periodic job's tick (ISO 8601, with its UTC offset): the scheduler in
+#: worker/periodic.py sets it, the operator's views show it.
+TICK_OPTION = "periodic_tick"
+
 #: How many attempts a job keeps (the SQL trigger coding_jobs_settled's `attempts_kept`).
 ATTEMPTS_KEPT = 20
 #: The job statuses, in the order of the database's enum (public.job_status).
@@ -142,6 +146,14 @@ class JobDetail:
     prompt_length: int | None
     options: dict[str, Any]
     attempts: tuple[Attempt, ...]
+    #: The key a producer gave (kept while the job is pending or running; released when it ends).
+    idempotency_key: str | None = None
+
+    @property
+    def periodic_tick(self) -> str | None:
+        """The schedule's tick a periodic job was enqueued for (None for other jobs)."""
+        tick = self.options.get(TICK_OPTION)
+        return tick if isinstance(tick, str) else None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobDetail:
@@ -170,6 +182,7 @@ class JobDetail:
             prompt_length=row["prompt_length"],
             options=options if isinstance(options, dict) else {},
             attempts=tuple(Attempt.from_json(a) for a in row["attempts"] or () if isinstance(a, dict)),
+            idempotency_key=row.get("idempotency_key"),
         )
 
 

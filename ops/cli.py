@@ -226,6 +226,8 @@ def _job(args: argparse.Namespace, transport: Transport, settings: Settings, out
         ("held by", job.locked_by),
         ("lease ends", job.lease_expires_at),
         ("user", job.user_id),
+        ("idempotency key", job.idempotency_key),
+        ("periodic tick", job.periodic_tick),
         ("prompt", f"{job.prompt} ({job.prompt_length} characters)" if job.prompt_length else None),
         ("error", job.error_message),
     ]

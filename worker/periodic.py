@@ -23,7 +23,8 @@ from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
-from worker.schedules import PERIODIC_OPTION, TICK_OPTION, Schedule, schedules_of
+from broker.operator_records import TICK_OPTION
+from worker.schedules import PERIODIC_OPTION, Schedule, schedules_of
 
 #: Seconds after a tick within which a scheduler that missed it (no worker was running) still enqueues it.
 MISFIRE_GRACE_S = 60.0

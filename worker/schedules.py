@@ -20,8 +20,6 @@ from cronsim import CronSim, CronSimError
 
 #: The actor option that declares schedules: a cron string, a Schedule, or a list of them.
 PERIODIC_OPTION = "periodic"
-#: The message option that carries a periodic job's tick (ISO 8601, with its UTC offset).
-TICK_OPTION = "periodic_tick"
 #: Namespace of the message ids of periodic jobs (uuid5 of the schedule's name and the tick).
 TICK_NAMESPACE = uuid.UUID("7d6f5e2c-2b8a-4a61-9c55-1f0b7a4c9e11")
 

@@ -319,6 +319,8 @@ def job_page(job: JobDetail, viewer: Viewer, now: datetime) -> str:
         ("Finished", stamp(job.completed_at)),
         ("Held by", e(job.locked_by)),
         ("User", e(job.user_id)),
+        ("Idempotency key", e(job.idempotency_key)),
+        ("Periodic tick", e(job.periodic_tick)),
         (
             "Prompt",
             f'<span class="prompt">{e(excerpt(job.prompt, PROMPT_CHARS))}</span>'

@@ -234,3 +234,17 @@ def test_an_unreachable_queue_is_a_503_page_not_a_traceback(database_url: str) -
         transport.close()
     assert page.status_code == 503 and "The queue did not answer" in page.text
     assert "Traceback" not in page.text
+
+
+def test_a_jobs_page_shows_its_idempotency_key_and_periodic_tick(db: Db, transport: Transport) -> None:
+    keyed = insert_job(db, prompt="keyed", idempotency_key="request-7f3a")
+    periodic = insert_job(
+        db, actor_name="refresh_usage", options={"periodic_tick": "2026-12-02T09:00:00+00:00"}
+    )
+    client = testing.TestClient(create_dashboard_app(transport, None))
+
+    keyed_page = client.simulate_get(f"/jobs/{keyed}").text
+    periodic_page = client.simulate_get(f"/jobs/{periodic}").text
+
+    assert "Idempotency key" in keyed_page and "request-7f3a" in keyed_page
+    assert "Periodic tick" in periodic_page and "2026-12-02T09:00:00+00:00" in periodic_page

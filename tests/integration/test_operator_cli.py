@@ -134,3 +134,18 @@ def test_the_console_script_is_installed_and_reads_the_settings(
         timeout=60,
     )
     assert unreachable.returncode == 3 and "cannot reach the queue" in unreachable.stderr
+
+
+def test_job_shows_a_unique_jobs_key_and_a_periodic_jobs_tick(db: Db, transport: Transport) -> None:
+    # Given a job the Edge Function inserted with an idempotency key, and a job a schedule enqueued for a tick
+    keyed = insert_job(db, prompt="keyed", idempotency_key="request-7f3a")
+    tick = "2026-12-02T09:00:00+00:00"
+    periodic = insert_job(db, actor_name="refresh_usage", options={"periodic_tick": tick})
+
+    # Then `job` shows each, in JSON and in its table
+    assert cli_json(transport, "job", keyed)["idempotency_key"] == "request-7f3a"
+    code, text = cli(transport, "job", keyed)
+    assert code == 0 and "idempotency key" in text and "request-7f3a" in text
+    code, text = cli(transport, "job", periodic)
+    assert code == 0 and "periodic tick" in text and tick in text
+    assert cli_json(transport, "job", periodic)["idempotency_key"] is None

@@ -11,9 +11,10 @@ from typing import Any
 import dramatiq
 
 from broker.broker import SupabaseBroker
+from broker.operator_records import TICK_OPTION
 from tests.support.brokers import BrokerFactory, Db, running_worker, wait_until
 from worker.periodic import Periodic, Scheduler
-from worker.schedules import TICK_OPTION, Schedule
+from worker.schedules import Schedule
 
 #: Schedulers enqueueing the same schedule at once, as worker processes of several containers would.
 SCHEDULERS = 4
