@@ -325,6 +325,7 @@ class SupabaseBroker(SendingBroker):
         if not isinstance(message, JobProxy):
             return
         if not self.holdings.started(message):
+            message.skipped = True
             raise SkipMessage(f"job {message.claim.job_id} is no longer held by this worker")
         set_stop_check(lambda: self._must_stop(message))
 

@@ -284,6 +284,8 @@ class JobConsumer(Consumer):
     # -- worker threads' side -------------------------------------------------------------------------
     def ack(self, message: MessageProxy) -> None:
         proxy = _job(message)
+        if proxy.skipped and proxy.interrupted is None:
+            return  # it never ran here: whoever took it from this worker (a hand-back, a drop) settles it
         proxy.finishing = True
         if proxy.pending_retry is not None:
             self.broker.send_pending_retry(proxy)  # its run failed: this "ack" is the retry Retries asked for
@@ -294,6 +296,8 @@ class JobConsumer(Consumer):
 
     def nack(self, message: MessageProxy) -> None:
         proxy = _job(message)
+        if proxy.skipped and proxy.interrupted is None:
+            return  # never ran here, as in ack
         proxy.finishing = True
         if proxy.interrupted is not None and not proxy.settled:
             self.broker.settle_interrupted(proxy)

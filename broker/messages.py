@@ -70,6 +70,9 @@ class JobProxy(MessageProxy):
         self.claimed_at = 0.0
         #: Set when it is being handed back unstarted (claimed ahead, no thread freed up): it must not start.
         self.handing_back = False
+        #: Set when its worker thread found it no longer ours as it was about to start (handed back, dropped,
+        #: settled): it never ran here, so the ack Dramatiq gives a skipped message settles nothing.
+        self.skipped = False
         #: Monotonic seconds until which its lease is known to hold (set by the claim and each extension).
         self.lease_valid_until = math.inf
 

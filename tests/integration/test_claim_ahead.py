@@ -7,8 +7,10 @@ HAND_BACK_AFTER_S, rings the doorbell, and an idle worker elsewhere starts it wh
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
+from dramatiq.middleware import SkipMessage
 
 from broker.claim_ahead import HAND_BACK_AFTER_S
 from tests.support.actors import declare_test_actors
@@ -58,3 +60,45 @@ def test_a_job_claimed_ahead_behind_a_long_job_goes_back_and_an_idle_worker_star
     # And each long job ran once
     assert len(busy_actors.runs.of("slow", "started")) + len(idle_actors.runs.of("slow", "started")) == 2
     assert HAND_BACK_AFTER_S * 1000 < LONG_JOB_MS
+
+
+def test_a_job_handed_back_as_its_thread_picks_it_up_never_completes_unrun(
+    make_broker: BrokerFactory, db: Db
+) -> None:
+    # Given a worker that claimed two jobs ahead (the chaos smoke test caught this race: a job handed back
+    # while Dramatiq's worker thread was taking it from the work queue was skipped, and the ack Dramatiq gives
+    # a skipped message completed it although it never ran)
+    # (Dramatiq's prefetch: the consumer hands nothing back itself, so the test says when one goes back)
+    broker = make_broker(worker_id="racer")
+    actors = declare_test_actors(broker)
+    sent = [actors.record.send(key) for key in ("handed-back", "runs")]
+    consumer = broker.consume(sent[0].queue_name, prefetch=2, timeout=100)
+    claimed: list[Any] = []
+
+    def both_claimed() -> bool:
+        message = next(consumer)
+        if message is not None:
+            claimed.append(message)
+        return len(claimed) == 2
+
+    wait_until(both_claimed, SETTLE_TIMEOUT_S, "both jobs claimed")
+    by_key = {proxy.args[0]: proxy for proxy in claimed}
+    handed_back, runs = by_key["handed-back"], by_key["runs"]
+
+    # When the consumer hands one back just as a worker thread picks it up: Dramatiq skips it and acks it
+    assert broker.holdings.take_back([handed_back]) == [handed_back]
+    with pytest.raises(SkipMessage):
+        broker.emit_before("process_message", handed_back)
+    broker.emit_after("skip_message", handed_back)
+    consumer.ack(handed_back)
+    # and the other runs and is acked after it (acks commit in order, in batches)
+    broker.emit_before("process_message", runs)
+    broker.emit_after("process_message", runs)
+    consumer.ack(runs)
+    wait_for_all(db, [runs.message_id], "completed", SETTLE_TIMEOUT_S)
+
+    # Then the skipped job is still held, for its hand-back to return it, not completed unrun
+    assert job(db, handed_back.message_id)["status"] == "processing"
+    assert broker.settler.release([handed_back]) == 1
+    assert job(db, handed_back.message_id)["status"] == "pending"
+    consumer.close()
