@@ -14,13 +14,15 @@
 -- * With fair share on, settles of capped users ring (NOTIFY), and a NOTIFY serialises commits: 'Lock: object'
 --   waits were ~7 % of the backends' samples (none with fair share off). That ring is the freed-slot guarantee
 --   and stays.
+-- Not done here: more passes when concurrent claims took a claim's users (tried: 15.2 jobs per call, but no
+-- gain in jobs per second, and the concurrency test's Pro user then reached its cap less reliably), a smaller
+-- window (21 rows per priority: ~15 % less CPU on one connection, none measurable under 8 claimers).
 
 -- -- Which jobs a claim takes ---------------------------------------------------------------------------------
 -- As in 20261202000500 (the order, the candidates, the locks, the cap checked again under the locks), with:
--- * up to three passes when concurrent claims took the users a pass wanted (below);
 -- * the settings and every user's running jobs read in one statement, once per claim; the candidates' slots use
 --   these counts (estimates either way: the counts that decide a cap are taken again under the locks, in the
---   last statement of each pass, as before);
+--   last statement, as before);
 -- * a tier's window known to be full from a count per tier, without sorting the candidates for it;
 -- * the candidates kept for the next round gathered only for the users that need one (saturated users);
 -- * a job's effective tier computed in double precision (date_part), not numeric (extract's type since PG 14).
@@ -34,7 +36,6 @@ as $$
 declare
   candidates_per_tier constant integer := greatest(p_limit * 3, 32);  -- CANDIDATES_PER_TIER
   fetch_rounds constant integer := 6;
-  claim_passes constant integer := 3;
   users_lock constant integer := 1364546386;  -- 'QUSR'
   jobs_lock constant integer := 1363824450;  -- 'QJOB'
   v_enabled boolean;
@@ -44,18 +45,12 @@ declare
   v_run_counts bigint[];
   v_full uuid[];
   v_excluded uuid[];
-  v_skip uuid[] := '{}';
-  v_taken uuid[] := '{}';
   v_fixed public.coding_jobs_candidate[];
   v_top public.coding_jobs_candidate[];
-  v_held uuid[];
   v_saturated uuid[];
   v_saturated_kept public.coding_jobs_candidate[];
   v_windows_full boolean;
   v_users bigint;
-  v_need integer := p_limit;
-  v_got integer := 0;
-  v_n integer;
 begin
   if p_limit is null or p_limit < 1 then
     return;
@@ -89,129 +84,96 @@ begin
     return;
   end if;
 
-  -- Up to claim_passes passes, each as the claim of 20261202000500: candidates, their users locked, the caps
-  -- checked again under the locks. A pass that comes back short because concurrent claims held or had just
-  -- filled the users it wanted is followed by another that leaves those users out (and the users and jobs it
-  -- took), so it fetches past them: claims running at once no longer return half empty when they all looked
-  -- at the same oldest users. A later pass only adds users; it never changes what an earlier one took.
-  for pass in 1 .. claim_passes loop
-    v_excluded := v_full || v_skip;
-    v_fixed := '{}';
-    -- Candidates: the oldest due jobs of each priority, in claim order, as far as their users' caps leave room
-    -- (by the counts above). The users of the first ones are locked for this claim; a user whose lock another
-    -- claim holds is left to that claim. When a user has more candidates than room, the next round fetches
-    -- again without that user (keeping the jobs that fit), so that one user's backlog does not crowd out the
-    -- others.
-    for round in 1 .. fetch_rounds loop
-      with fetched as (
-        select c.id, c.user_id, c.priority, c.created_at, c.run_at, true as in_window
-          from generate_series(0, 10) t(p)
-          cross join lateral (
-            select j.id, j.user_id, j.priority, j.created_at, j.run_at
-              from public.coding_jobs j
-             where j.status = 'pending' and j.queue_name = p_queue and j.priority = t.p and j.run_at <= now()
-               and (j.user_id is null or j.user_id <> all(v_excluded)) and j.id <> all(v_taken)
-             order by j.created_at
-             limit candidates_per_tier) c
-        union all
-        select f.id, f.user_id, f.priority, f.created_at, f.run_at, false from unnest(v_fixed) f
-      ), judged as (
-        select c.*, coalesce(r.n, 0) as running, coalesce(r.n, 0) + row_number() over (
-                      partition by c.user_id order by c.priority desc, c.created_at, c.id) as slot
-          from fetched c
-          left join unnest(v_run_users, v_run_counts) as r(user_id, n) on r.user_id = c.user_id
-      ), kept as (
-        select k.*,
-               least(k.priority + floor(pg_catalog.date_part('epoch', now() - k.run_at) * 1000 / v_step_ms)::integer,
-                     10) as tier
-          from judged k
-         where k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1]
-      ), top as (
-        -- In claim order, lock each job's user as it comes (the lock is re-entrant), or the job itself when it
-        -- has no user, and skip what another claim holds: claims running at once spread over the users and
-        -- jobs instead of colliding on the same oldest ones. A few spare, in case a cap is found full below.
-        select s.*
-          from (select k.* from kept k order by k.tier desc, k.slot, k.created_at, k.id offset 0) s
-         where case when s.user_id is null
-                    then pg_catalog.pg_try_advisory_xact_lock(jobs_lock, pg_catalog.hashtext(s.id::text))
-                    else pg_catalog.pg_try_advisory_xact_lock(users_lock, pg_catalog.hashtext(s.user_id::text))
-               end
-         limit v_need + v_need / 4 + 1
-      ), tops as (
-        select coalesce(array_agg(row(t.id, t.user_id, t.priority, t.created_at, t.run_at)
-                                    ::public.coding_jobs_candidate
-                                  order by t.tier desc, t.slot, t.created_at, t.id), '{}') as candidates,
-               count(*) < v_need + v_need / 4 + 1 as short,
-               (array_agg(row(-t.tier, t.slot, t.created_at, t.id)
-                          order by t.tier, t.slot desc, t.created_at desc, t.id desc))[1] as last
-          from top t
-      ), saturated as (
-        -- users with more candidates than this claim can take of theirs (their cap, or the whole claim)
-        select distinct j.user_id from judged j
-         where j.user_id is not null
-           and (j.slot > v_caps[j.priority + 1] or j.slot - j.running > p_limit)
-      )
-      select tp.candidates,
-             -- the users whose lock another claim held: every candidate's user up to the last one locked (or
-             -- all of them, when fewer were locked than wanted)
-             (select coalesce(array_agg(distinct k.user_id), '{}') from kept k
-               where k.user_id is not null
-                 and k.user_id not in (select t.user_id from top t where t.user_id is not null)
-                 and (tp.short or row(-k.tier, k.slot, k.created_at, k.id) < tp.last)),
-             (select coalesce(array_agg(s.user_id), '{}') from saturated s),
-             (select coalesce(array_agg(row(k.id, k.user_id, k.priority, k.created_at, k.run_at)
-                                          ::public.coding_jobs_candidate), '{}')
-                from kept k where k.user_id in (select s.user_id from saturated s)),
-             exists (select from fetched f where f.in_window group by f.priority
-                      having count(*) >= candidates_per_tier),
-             (select count(distinct k.user_id) + count(*) filter (where k.user_id is null) from kept k)
-        from tops tp
-        into v_top, v_held, v_saturated, v_saturated_kept, v_windows_full, v_users;
-      -- Enough users to fill the claim (a user not fetched has only jobs younger than theirs), nobody left out,
-      -- or nothing more to fetch.
-      exit when v_users >= p_limit or cardinality(v_saturated) = 0 or not v_windows_full or round = fetch_rounds;
-      v_fixed := v_saturated_kept;
-      v_excluded := v_excluded || v_saturated;
-    end loop;
-
-    -- A new statement, so a new snapshot: it sees every claim of the locked users (the users of v_top) that
-    -- committed before their locks were ours, and no other claim of theirs can commit until this transaction
-    -- does. Their caps are checked again with these counts.
-    return query
-    with candidates as (
-      select t.id, t.user_id, t.priority, t.ord
-        from unnest(v_top) with ordinality as t(id, user_id, priority, created_at, run_at, ord)
-    ), running as (
-      select j.user_id, count(*) as n from public.coding_jobs j
-       where j.status = 'processing' and j.user_id in (select c.user_id from candidates c) group by j.user_id
-    ), ranked as (
-      select c.id, c.user_id, c.priority, c.ord,
-             coalesce(r.n, 0) + row_number() over (partition by c.user_id order by c.ord) as slot
-        from candidates c
-        left join running r on r.user_id = c.user_id
+  v_excluded := v_full;
+  v_fixed := '{}';
+  -- Candidates: the oldest due jobs of each priority, in claim order, as far as their users' caps leave room
+  -- (by the counts above). The users of the first ones are locked for this claim; a user whose lock another
+  -- claim holds is left to that claim. When a user has more candidates than room, the next round fetches
+  -- again without that user (keeping the jobs that fit), so that one user's backlog does not crowd out the
+  -- others.
+  for round in 1 .. fetch_rounds loop
+    with fetched as (
+      select c.id, c.user_id, c.priority, c.created_at, c.run_at, true as in_window
+        from generate_series(0, 10) t(p)
+        cross join lateral (
+          select j.id, j.user_id, j.priority, j.created_at, j.run_at
+            from public.coding_jobs j
+           where j.status = 'pending' and j.queue_name = p_queue and j.priority = t.p and j.run_at <= now()
+             and (j.user_id is null or j.user_id <> all(v_excluded))
+           order by j.created_at
+           limit candidates_per_tier) c
+      union all
+      select f.id, f.user_id, f.priority, f.created_at, f.run_at, false from unnest(v_fixed) f
+    ), judged as (
+      select c.*, coalesce(r.n, 0) as running, coalesce(r.n, 0) + row_number() over (
+                    partition by c.user_id order by c.priority desc, c.created_at, c.id) as slot
+        from fetched c
+        left join unnest(v_run_users, v_run_counts) as r(user_id, n) on r.user_id = c.user_id
+    ), kept as (
+      select k.*,
+             least(k.priority + floor(pg_catalog.date_part('epoch', now() - k.run_at) * 1000 / v_step_ms)::integer,
+                   10) as tier
+        from judged k
+       where k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1]
+    ), top as (
+      -- In claim order, lock each job's user as it comes (the lock is re-entrant), or the job itself when it
+      -- has no user, and skip what another claim holds: claims running at once spread over the users and
+      -- jobs instead of colliding on the same oldest ones. A few spare, in case a cap is found full below.
+      select s.*
+        from (select k.* from kept k order by k.tier desc, k.slot, k.created_at, k.id offset 0) s
+       where case when s.user_id is null
+                  then pg_catalog.pg_try_advisory_xact_lock(jobs_lock, pg_catalog.hashtext(s.id::text))
+                  else pg_catalog.pg_try_advisory_xact_lock(users_lock, pg_catalog.hashtext(s.user_id::text))
+             end
+       limit p_limit + p_limit / 4 + 1
+    ), saturated as (
+      -- users with more candidates than this claim can take of theirs (their cap, or the whole claim)
+      select distinct j.user_id from judged j
+       where j.user_id is not null
+         and (j.slot > v_caps[j.priority + 1] or j.slot - j.running > p_limit)
     )
-    select j.id, (v_got + row_number() over (order by k.ord))::integer
-      from (select k.id, k.ord
-              from ranked k
-              join public.coding_jobs j on j.id = k.id
-             where (k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1])
-               and j.status = 'pending' and j.run_at <= now()
-             order by k.ord
-             limit v_need
-               for update of j skip locked) k
-      join public.coding_jobs j on j.id = k.id;
-    get diagnostics v_n = row_count;
-    v_got := v_got + v_n;
-    v_need := p_limit - v_got;
-    -- Full, or short for want of jobs rather than because of other claims: done.
-    exit when v_need <= 0 or (cardinality(v_held) = 0 and v_n = cardinality(v_top));
-    -- The next pass leaves out the users this one tried (locked, held by others, or found full) and the jobs
-    -- without a user it locked; what it took stays taken.
-    select v_skip || v_held || coalesce(array_agg(distinct t.user_id) filter (where t.user_id is not null), '{}'),
-           v_taken || coalesce(array_agg(t.id) filter (where t.user_id is null), '{}')
-      into v_skip, v_taken
-      from unnest(v_top) t;
+    select (select coalesce(array_agg(row(t.id, t.user_id, t.priority, t.created_at, t.run_at)
+                                        ::public.coding_jobs_candidate
+                                      order by t.tier desc, t.slot, t.created_at, t.id), '{}') from top t),
+           (select coalesce(array_agg(s.user_id), '{}') from saturated s),
+           (select coalesce(array_agg(row(k.id, k.user_id, k.priority, k.created_at, k.run_at)
+                                        ::public.coding_jobs_candidate), '{}')
+              from kept k where k.user_id in (select s.user_id from saturated s)),
+           exists (select from fetched f where f.in_window group by f.priority
+                    having count(*) >= candidates_per_tier),
+           (select count(distinct k.user_id) + count(*) filter (where k.user_id is null) from kept k)
+      into v_top, v_saturated, v_saturated_kept, v_windows_full, v_users;
+    -- Enough users to fill the claim (a user not fetched has only jobs younger than theirs), nobody left out,
+    -- or nothing more to fetch.
+    exit when v_users >= p_limit or cardinality(v_saturated) = 0 or not v_windows_full or round = fetch_rounds;
+    v_fixed := v_saturated_kept;
+    v_excluded := v_excluded || v_saturated;
   end loop;
+
+  -- A new statement, so a new snapshot: it sees every claim of the locked users (the users of v_top) that
+  -- committed before their locks were ours, and no other claim of theirs can commit until this transaction
+  -- does. Their caps are checked again with these counts.
+  return query
+  with candidates as (
+    select t.id, t.user_id, t.priority, t.ord
+      from unnest(v_top) with ordinality as t(id, user_id, priority, created_at, run_at, ord)
+  ), running as (
+    select j.user_id, count(*) as n from public.coding_jobs j
+     where j.status = 'processing' and j.user_id in (select c.user_id from candidates c) group by j.user_id
+  ), ranked as (
+    select c.id, c.user_id, c.priority, c.ord,
+           coalesce(r.n, 0) + row_number() over (partition by c.user_id order by c.ord) as slot
+      from candidates c
+      left join running r on r.user_id = c.user_id
+  )
+  select k.id, k.ord::integer
+    from ranked k
+    join public.coding_jobs j on j.id = k.id
+   where (k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1])
+     and j.status = 'pending' and j.run_at <= now()
+   order by k.ord
+   limit p_limit
+     for update of j skip locked;
 end
 $$;
 
