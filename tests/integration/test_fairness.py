@@ -107,7 +107,10 @@ def test_caps_hold_exactly_while_many_workers_claim_at_once(db: Db, database_url
     most = {user: max_overlap(spans) for user, spans in intervals.items()}
     assert all(most[user] <= CAPS[priority] for user, priority in users.items()), (most, CAPS)
     assert all(sampled[user] <= CAPS[priority] for user, priority in users.items()), (sampled, CAPS)
-    assert most[next(u for u, p in users.items() if p == PRO)] == CAPS[PRO]
+    # (reached as the claimers timed it or as the database showed it: a loaded machine can shrink the first's
+    # windows until they no longer overlap, or let the sampler miss the moment; both missing it is a failure)
+    pro = next(u for u, p in users.items() if p == PRO)
+    assert max(most[pro], sampled[pro]) == CAPS[PRO], (most, sampled)
 
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
