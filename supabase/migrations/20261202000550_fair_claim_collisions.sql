@@ -1,27 +1,18 @@
--- Fair claims that lose fewer jobs to the claims running beside them (issue 11's throughput figure: a fair claim
--- should keep >= 0.8x of the plain one). The choice of jobs, the caps and aging stay those of
--- 20261202000500_fairness.sql and 20261202000530_fair_claim_speed.sql. Re-running this file is harmless.
+-- A cheaper last statement for the fair claim (issue 11's throughput figure: a fair claim should keep >= 0.8x of
+-- the plain one). The choice of jobs, the caps and aging stay those of 20261202000500_fairness.sql and
+-- 20261202000530_fair_claim_speed.sql. Re-running this file is harmless.
 --
--- What was lost: a claim ranks its candidates in one snapshot and takes its users' locks after it. A claim that
--- committed in between (and so released those users' locks) had already started some of those candidates, so
--- the last statement, in its newer snapshot, found them running and dropped them: on the shared 2-core machine,
--- where a claim is often descheduled between its snapshot and its locks, fair claims took 12.5 jobs per call
--- against 15.3 for the plain claim, and ~7 % came back empty.
--- What changes: the last statement takes, for each user it locked, that user's next due pending jobs as they are
--- now (the snapshot taken under the lock), as many as the user had places in the claim, in the user's own order
--- (priority, then oldest: the order the slots were counted in). The places in the claim's order are the ones
--- the ranking gave that user. A user who had room in the ranking still gets it, even when another claim
--- started the user's oldest jobs a moment before. Jobs without a user are checked as before.
--- The index a user's pending jobs are read from gains that order (it replaces coding_jobs_pending_user_idx,
--- whose users it still serves).
-
-create index if not exists coding_jobs_pending_user_order_idx
-  on public.coding_jobs (user_id, priority desc, created_at, id) where status = 'pending';
-drop index if exists public.coding_jobs_pending_user_idx;
+-- The last statement counts the running jobs of the claim's users again under their locks. It did so with a
+-- join of every running job against the candidates, which the generic plan (it guesses a handful of running
+-- rows) ran as a nested loop: ~130 running rows x ~20 candidates compared, ~0.5 ms of a ~1.5 ms claim under a
+-- 8-worker load. It now probes coding_jobs_running_user_idx once per candidate.
+-- Tried and not kept (bench/README.md has the figures): reading each locked user's next pending jobs again
+-- under the lock (claims lose fewer jobs to a claim that committed between their snapshot and their locks,
+-- 12.6 -> 12.9 jobs per call, but it halved the claim rate of the one-job claims of bench.fairness's wait run);
+-- a wider candidate window (96 rows per priority: 14.5 jobs per call, more CPU per job); fewer spare user locks.
 
 -- -- Which jobs a claim takes ---------------------------------------------------------------------------------
--- As in 20261202000530 (the order, the candidates, the locks, the settings and running counts read once), with
--- the last statement reading the locked users' jobs again, as above.
+-- As in 20261202000530, but for the last statement's count of running jobs (above).
 create or replace function public.coding_jobs_claimable(p_queue text, p_limit integer)
 returns table (id uuid, claim_order integer)
 language plpgsql volatile set search_path = ''
@@ -148,34 +139,20 @@ begin
 
   -- A new statement, so a new snapshot: it sees every claim of the locked users (the users of v_top) that
   -- committed before their locks were ours, and no other claim of theirs can commit until this transaction
-  -- does. Their caps are checked again with these counts, and their jobs are read again: each locked user's
-  -- next due pending jobs now, as many as its places in the claim (a claim that committed in between may have
-  -- started the candidates this claim saw).
+  -- does. Their caps are checked again with these counts: one probe of the running index per candidate.
   return query
   with candidates as (
     select t.id, t.user_id, t.priority, t.ord
       from unnest(v_top) with ordinality as t(id, user_id, priority, created_at, run_at, ord)
-  ), places as (
-    select c.user_id, array_agg(c.ord order by c.ord) as ords
-      from candidates c where c.user_id is not null group by c.user_id
-  ), picked as (
-    select n.id, p.user_id, n.priority, p.ords[n.rn] as ord, r.n + n.rn as slot
-      from places p
-      -- one probe of the running index per user (a join against all running jobs filtered every one of them)
+  ), ranked as (
+    select c.id, c.user_id, c.priority, c.ord,
+           r.n + row_number() over (partition by c.user_id order by c.ord) as slot
+      from candidates c
       cross join lateral (select count(*) as n from public.coding_jobs j
-                           where j.status = 'processing' and j.user_id = p.user_id) r
-      cross join lateral (
-        select j.id, j.priority,
-               row_number() over (order by j.priority desc, j.created_at, j.id) as rn
-          from public.coding_jobs j
-         where j.user_id = p.user_id and j.status = 'pending' and j.queue_name = p_queue and j.run_at <= now()
-         order by j.priority desc, j.created_at, j.id
-         limit cardinality(p.ords)) n
-    union all
-    select c.id, null, c.priority, c.ord, 0 from candidates c where c.user_id is null
+                           where c.user_id is not null and j.status = 'processing' and j.user_id = c.user_id) r
   )
   select k.id, k.ord::integer
-    from picked k
+    from ranked k
     join public.coding_jobs j on j.id = k.id
    where (k.user_id is null or v_caps[k.priority + 1] is null or k.slot <= v_caps[k.priority + 1])
      and j.status = 'pending' and j.run_at <= now()
