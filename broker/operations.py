@@ -25,6 +25,7 @@ from broker.operator_records import (
     PausedQueue,
     PlanLimit,
     PlanShare,
+    PlanStat,
     PruneResult,
     QueueMinute,
     RetriedJob,
@@ -98,10 +99,14 @@ class QueueOperations(abc.ABC):
         """The plans, lowest tier first: the priorities each covers and its cap (get_plan_limits)."""
         return [PlanLimit.from_row(row) for row in self._call("get_plan_limits")]
 
+    def fairness(self) -> list[PlanStat]:
+        """Per plan: its cap, the jobs and users running, and the jobs waiting for their user's cap."""
+        return [PlanStat.from_row(row) for row in self._call("get_fairness_stats")]
+
     def plans(self) -> list[PlanShare]:
         """Each plan's tier and cap, and how its users' jobs stand (get_plan_limits, get_fairness_stats)."""
-        stats = {row["plan"]: row for row in self._call("get_fairness_stats")}
-        return [PlanShare.from_rows(limit, stats.get(limit.plan)) for limit in self.plan_limits()]
+        stats = {stat.plan: stat for stat in self.fairness()}
+        return [PlanShare.of(limit, stats.get(limit.plan)) for limit in self.plan_limits()]
 
     def fairness_settings(self) -> FairnessSettings:
         """The fair share switch and aging step (get_fairness)."""

@@ -316,6 +316,37 @@ class PlanLimit:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PlanStat:
+    """One line of get_fairness_stats(): a plan's cap and how its users' jobs stand (/metrics, monitor)."""
+
+    plan: str
+    #: The lowest priority of the plan's tier.
+    priority: int
+    #: Running jobs allowed per user; None: no cap.
+    max_running: int | None
+    running_jobs: int
+    running_users: int
+    users_at_cap: int
+    #: Due pending jobs whose user is at the cap: waiting for a slot of their own, not for a worker.
+    capped_pending_jobs: int
+    #: Creation time of the oldest due pending job of the tier.
+    oldest_pending_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PlanStat:
+        return cls(
+            plan=row["plan"],
+            priority=int(row["priority"]),
+            max_running=None if row["max_running"] is None else int(row["max_running"]),
+            running_jobs=int(row["running_jobs"]),
+            running_users=int(row["running_users"]),
+            users_at_cap=int(row["users_at_cap"]),
+            capped_pending_jobs=int(row["capped_pending_jobs"]),
+            oldest_pending_at=_time(row["oldest_pending_at"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PlanShare:
     """One plan as the operator sees it: its tier and cap (get_plan_limits) and how its users' jobs stand
     (get_fairness_stats)."""
@@ -333,19 +364,18 @@ class PlanShare:
     oldest_pending_at: datetime | None
 
     @classmethod
-    def from_rows(cls, limit: PlanLimit, stats: Mapping[str, Any] | None) -> PlanShare:
-        """A plan's limit and its get_fairness_stats() row (None: the plan is newer than the stats)."""
-        stats = stats or {}
+    def of(cls, limit: PlanLimit, stat: PlanStat | None) -> PlanShare:
+        """A plan's limit and its get_fairness_stats() line (None: the plan is newer than the stats)."""
         return cls(
             plan=limit.plan,
             priority=limit.priority,
             max_priority=limit.max_priority,
             max_running=limit.max_running,
-            running_jobs=int(stats.get("running_jobs") or 0),
-            running_users=int(stats.get("running_users") or 0),
-            users_at_cap=int(stats.get("users_at_cap") or 0),
-            capped_pending_jobs=int(stats.get("capped_pending_jobs") or 0),
-            oldest_pending_at=_time(stats.get("oldest_pending_at")),
+            running_jobs=stat.running_jobs if stat else 0,
+            running_users=stat.running_users if stat else 0,
+            users_at_cap=stat.users_at_cap if stat else 0,
+            capped_pending_jobs=stat.capped_pending_jobs if stat else 0,
+            oldest_pending_at=stat.oldest_pending_at if stat else None,
         )
 
 

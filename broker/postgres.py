@@ -30,13 +30,11 @@ from broker.transport import (
     Doorbell,
     HeartbeatReply,
     NewJob,
-    PlanStat,
     PresenceListener,
     PresencePolicy,
     QueueStat,
     Transport,
     WorkerInfo,
-    plan_stat,
 )
 
 #: Seconds a new connection may take to open.
@@ -313,10 +311,6 @@ class PostgresTransport(Transport):
         named = ", ".join(f"{key} => %s::{arg.sql_type}" for key, arg in args.items())
         values = [arg.value for arg in args.values()]
         return self.calls.rows(f"select * from public.{name}({named})", values, idempotent=True)
-
-    def fairness(self) -> list[PlanStat]:
-        rows = self.calls.rows("select * from public.get_fairness_stats()", (), idempotent=True)
-        return [plan_stat(row) for row in rows]
 
     def consumers(self) -> dict[str, int]:
         rows = self.calls.rows("select * from public.get_queue_consumers()", (), idempotent=True)

@@ -42,13 +42,11 @@ from broker.transport import (
     Doorbell,
     HeartbeatReply,
     NewJob,
-    PlanStat,
     PresenceListener,
     PresencePolicy,
     QueueStat,
     Transport,
     WorkerInfo,
-    plan_stat,
 )
 
 #: Seconds an RPC may take, reply included, before it counts as a lost connection.
@@ -275,9 +273,6 @@ class RestTransport(Transport):
             )
             for row in self._rpc("get_queue_stats")
         ]
-
-    def fairness(self) -> list[PlanStat]:
-        return [plan_stat(row) for row in self._rpc("get_fairness_stats")]
 
     def consumers(self) -> dict[str, int]:
         return {row["queue_name"]: int(row["workers"]) for row in self._rpc("get_queue_consumers")}

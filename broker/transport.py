@@ -134,39 +134,6 @@ class QueueStat:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PlanStat:
-    """One line of get_fairness_stats(): a plan's cap and how its users' jobs stand."""
-
-    plan: str
-    #: The lowest priority of the plan's tier.
-    priority: int
-    #: Running jobs allowed per user; None: no cap.
-    max_running: int | None
-    running_jobs: int
-    running_users: int
-    users_at_cap: int
-    #: Due pending jobs whose user is at the cap: waiting for a slot of their own, not for a worker.
-    capped_pending_jobs: int
-    #: Creation time of the oldest due pending job of the tier.
-    oldest_pending_at: datetime | None
-
-
-def plan_stat(row: dict[str, Any]) -> PlanStat:
-    """A get_fairness_stats() row, as either transport returns it (timestamps as datetimes or ISO text)."""
-    oldest = row["oldest_pending_at"]
-    return PlanStat(
-        plan=row["plan"],
-        priority=int(row["priority"]),
-        max_running=None if row["max_running"] is None else int(row["max_running"]),
-        running_jobs=int(row["running_jobs"]),
-        running_users=int(row["running_users"]),
-        users_at_cap=int(row["users_at_cap"]),
-        capped_pending_jobs=int(row["capped_pending_jobs"]),
-        oldest_pending_at=datetime.fromisoformat(oldest) if isinstance(oldest, str) else oldest,
-    )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A worker process as the registry shows it."""
 
@@ -328,10 +295,6 @@ class Transport(QueueOperations, abc.ABC):
     @abc.abstractmethod
     def stats(self) -> list[QueueStat]:
         """The queue's counts by queue and status."""
-
-    @abc.abstractmethod
-    def fairness(self) -> list[PlanStat]:
-        """Per plan: its cap, the jobs and users running, and the jobs waiting for their user's cap."""
 
     @abc.abstractmethod
     def consumers(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from broker.transport import PlanStat
+from broker.operator_records import PlanStat
 from health.job_counters import DURATION_BOUNDS_S, ActorJobStats
 from health.monitor import STATUSES
 from health.run_folder import WorkerBeat, process_running, read_beats

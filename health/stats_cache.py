@@ -8,8 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from broker.operator_records import ActorStat, PausedQueue
-from broker.transport import PlanStat, QueueStat, Transport
+from broker.operator_records import ActorStat, PausedQueue, PlanStat
+from broker.transport import QueueStat, Transport
 from health.background_call import BackgroundCall
 from service.settings import DEFAULT_READINESS_TIMEOUT_MS
 
