@@ -38,13 +38,7 @@ class SendingBroker(dramatiq.Broker):
             self._collector.add(message, delay)
             return message
         self.emit_before("enqueue", message, delay)
-        job = self._new_job(message, delay)
-        if job.options.get(IDEMPOTENCY_KEY_OPTION) is None:
-            self.transport.enqueue([job])
-        else:
-            holder = self.transport.enqueue_unique(job)
-            if holder != job.id:  # the key's job already exists: the caller gets that one
-                message = message.copy(message_id=holder)
+        [message] = self._insert([(message, self._new_job(message, delay))])
         self.emit_after("enqueue", message, delay)
         return message
 
@@ -76,12 +70,25 @@ class SendingBroker(dramatiq.Broker):
         fresh = [(message, delay) for message, delay in queued if self.held_retry(message, delay) is None]
         for message, delay in fresh:
             self.emit_before("enqueue", message, delay)
-        jobs = [self._new_job(message, delay) for message, delay in fresh]
-        for batch in chunks(jobs):
-            self.transport.enqueue(batch)
-        for message, delay in fresh:
+        sent = self._insert([(message, self._new_job(message, delay)) for message, delay in fresh])
+        for message, (_, delay) in zip(sent, fresh, strict=True):
             self.emit_after("enqueue", message, delay)
-        return [message for message, _ in queued]
+        holders = {id(original): message for (original, _), message in zip(fresh, sent, strict=True)}
+        return [holders.get(id(message), message) for message, _ in queued]
+
+    def _insert(self, sends: list[tuple[Message[Any], NewJob]]) -> list[Message[Any]]:
+        """Insert the jobs, plain ones in batches; each message sent, or the message of the job that already
+        holds its idempotency key (a keyed job is one call of its own, which answers with that job)."""
+        for batch in chunks([job for _, job in sends if job.options.get(IDEMPOTENCY_KEY_OPTION) is None]):
+            self.transport.enqueue(batch)
+        sent = []
+        for message, job in sends:
+            if job.options.get(IDEMPOTENCY_KEY_OPTION) is not None:
+                holder = self.transport.enqueue_unique(job)
+                if holder != job.id:  # the key's job already exists: the caller gets that one
+                    message = message.copy(message_id=holder)
+            sent.append(message)
+        return sent
 
     def _new_job(self, message: Message[Any], delay: int | None) -> NewJob:
         return new_job(message, default_max_retries=self._max_retries(message), delay_ms=delay or 0)

@@ -215,7 +215,8 @@ class Transport(QueueOperations, abc.ABC):
 
     @abc.abstractmethod
     def enqueue(self, jobs: Sequence[NewJob]) -> int:
-        """Insert messages; an id seen before is ignored. Returns how many were inserted."""
+        """Insert messages without an idempotency key (those go through enqueue_unique); an id seen before is
+        ignored. Returns how many were inserted."""
 
     @abc.abstractmethod
     def enqueue_unique(self, job: NewJob) -> str:

@@ -118,3 +118,35 @@ def test_a_key_must_be_a_short_string(broker: SupabaseBroker) -> None:
         task.send_with_options(idempotency_key=42)
     assert str(uuid.uuid4())  # a plain send without a key still works
     task.send()
+
+
+def test_keys_hold_in_batches_too(db: Db, broker: SupabaseBroker) -> None:
+    @dramatiq.actor(broker=broker, queue_name="unique")
+    def report(day: str) -> None: ...
+
+    # Given a job that holds a key
+    first = report.send_with_options(args=("mon",), idempotency_key="report:mon")
+
+    # When a batch of one repeats that key, and a batch mixes a repeat, a new key and no key
+    [alone] = broker.enqueue_many([report.message_with_options(args=("mon",), idempotency_key="report:mon")])
+    with broker.batched_sends():
+        # (a send inside the block returns its message before the block sends it, so only the rows tell)
+        report.send_with_options(args=("mon",), idempotency_key="report:mon")
+        report.send_with_options(args=("tue",), idempotency_key="report:tue")
+        report.send("wed")
+    mixed = broker.enqueue_many(
+        [
+            report.message_with_options(args=("mon",), idempotency_key="report:mon"),
+            report.message_with_options(args=("thu",), idempotency_key="report:thu"),
+            report.message(("fri",)),
+        ]
+    )
+
+    # Then every repeat names the job holding the key, and each new key is in its column
+    assert alone.message_id == first.message_id == mixed[0].message_id
+    rows = db.execute("select id::text, idempotency_key from public.coding_jobs").fetchall()
+    keys = {r["idempotency_key"]: r["id"] for r in rows}
+    assert keys.get("report:mon") == first.message_id
+    assert keys.get("report:thu") == mixed[1].message_id
+    assert "report:tue" in keys
+    assert len(rows) == 5  # mon, tue, wed, thu, fri: no repeat of mon made a row
