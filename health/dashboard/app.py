@@ -212,20 +212,17 @@ def _root(req: falcon.Request) -> str:
 
 
 def _unreachable(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
-    # The queue's own errors carry no secret (drivers name host and port, never a password).
+    # The detail (a driver names host, port and user) goes to the log, which redacts; the page is public.
     logger.bind(event="dashboard_error").warning("Dashboard: the queue did not answer: {}", ex)
-    page = message_page(
-        "The queue did not answer", f"{type(ex).__name__}: {ex}", root=_root(req), viewer=NOBODY
-    )
+    detail = f"{type(ex).__name__}; the worker's log has the detail. Try again in a moment."
+    page = message_page("The queue did not answer", detail, root=_root(req), viewer=NOBODY)
     _html(resp, page, falcon.HTTP_503)
 
 
 def _error_page(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTPError) -> None:
     """Falcon's errors (404, 405, 400 ...) as the dashboard's own page, not XML or JSON."""
-    viewer = Viewer(actions_enabled=False, signed_in=False, csrf=None)
-    root = "../" * max(req.path.count("/") - 1, 0)
     page = message_page(
-        exception.title or "Error", exception.description or exception.title, root=root, viewer=viewer
+        exception.title or "Error", exception.description or exception.title, root=_root(req), viewer=NOBODY
     )
     resp.content_type = falcon.MEDIA_HTML
     resp.text = page
