@@ -15,7 +15,9 @@ CELL_CHARS = 60
 
 
 def as_json(value: Any) -> Any:
-    """Records, lists and dicts as plain JSON values; times as ISO 8601."""
+    """Records, lists and dicts as plain JSON values; times as ISO 8601; text redacted as in the tables."""
+    if isinstance(value, str):
+        return redact(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: as_json(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, dict):

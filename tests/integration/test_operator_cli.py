@@ -149,3 +149,20 @@ def test_job_shows_a_unique_jobs_key_and_a_periodic_jobs_tick(db: Db, transport:
     code, text = cli(transport, "job", periodic)
     assert code == 0 and "periodic tick" in text and tick in text
     assert cli_json(transport, "job", periodic)["idempotency_key"] is None
+
+
+def test_json_output_is_redacted_like_the_tables(db: Db, transport: Transport) -> None:
+    # Given a failed job whose error quotes a connection string with its password (tracebacks do)
+    failed = insert_job(db, prompt="connect to postgresql://app:hunter2@db:5432/app")
+    db.execute(
+        "update public.coding_jobs set status = 'failed', completed_at = now(), error_message ="
+        " 'OperationalError: password=hunter2 rejected' where id = %s",
+        (failed,),
+    )
+
+    # Then neither the table nor --json shows the password
+    for argv in (("jobs", "--status", "failed"), ("job", failed)):
+        code, text = cli(transport, *argv)
+        assert code == 0 and "hunter2" not in text
+        code, text = cli(transport, *argv, "--json")
+        assert code == 0 and "hunter2" not in text and "***" in text
