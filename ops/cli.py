@@ -32,6 +32,7 @@ from broker.operator_records import JOB_STATUSES, MAX_LISTED_JOBS, JobFilter, Pa
 from broker.retention import retention_ms
 from broker.transport import Transport
 from ops import fair_share
+from ops.arguments import whole
 from ops.render import ago, duration, print_json, print_table
 from service.errors import ConfigurationError
 from service.exit_codes import EXIT_CONFIGURATION, EXIT_REFUSED, EXIT_UNREACHABLE
@@ -62,7 +63,12 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--actor")
     jobs.add_argument("--error", help="a piece of the error text (any case)")
     jobs.add_argument("--user", help="a user id")
-    jobs.add_argument("--limit", type=int, default=50, help=f"at most this many (up to {MAX_LISTED_JOBS})")
+    jobs.add_argument(
+        "--limit",
+        type=whole(1, MAX_LISTED_JOBS),
+        default=50,
+        help=f"at most this many (up to {MAX_LISTED_JOBS})",
+    )
 
     job = command("job", "one job with its attempts")
     job.add_argument("job_id", metavar="ID")
@@ -75,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("--cancelled", action="store_true", help="retry cancelled jobs instead of failed ones")
     retry.add_argument("--all", action="store_true", help="with no other filter: every failed job")
     retry.add_argument("--dry-run", action="store_true", help="say what would be retried; change nothing")
-    retry.add_argument("--limit", type=int, default=1000)
+    retry.add_argument("--limit", type=whole(1), default=1000)
 
     cancel = command("cancel", "cancel jobs: pending ones never run, running ones are stopped")
     cancel.add_argument("job_ids", nargs="+", metavar="ID")
@@ -88,8 +94,10 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("queue")
 
     prune = command("prune", "delete finished jobs past their retention now")
-    prune.add_argument("--completed-days", type=int, help="keep completed and cancelled jobs this long")
-    prune.add_argument("--failed-days", type=int, help="keep failed jobs this long")
+    prune.add_argument(
+        "--completed-days", type=whole(0), help="keep completed and cancelled jobs this long (0: keep them)"
+    )
+    prune.add_argument("--failed-days", type=whole(0), help="keep failed jobs this long (0: keep them)")
 
     command("workers", "registered workers and the jobs each holds")
     fair_share.add_commands(command)

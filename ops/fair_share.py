@@ -18,28 +18,13 @@ from typing import Any, TextIO
 
 from broker.operator_records import TOP_PRIORITY, FairnessSettings, PlanLimit, PlanShare
 from broker.transport import Transport
+from ops.arguments import whole
 from ops.render import as_json, duration, print_json, print_table
 from service.exit_codes import EXIT_REFUSED
 from service.settings import Settings
 
 #: Builds one command's parser (ops.cli's `command`): a name and its help, `--json` included.
 CommandFactory = Callable[[str, str], argparse.ArgumentParser]
-
-
-def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number from `low` (to `high`), or a usage error that says so."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            span = f"{low} to {high}" if high is not None else f"{low} or more"
-            raise argparse.ArgumentTypeError(f"{value} is out of range ({span})")
-        return value
-
-    return parse
 
 
 def _plan_name(text: str) -> str:
@@ -61,12 +46,12 @@ def add_commands(command: CommandFactory) -> None:
     set_plan.add_argument("plan", metavar="PLAN", type=_plan_name)
     set_plan.add_argument(
         "--priority",
-        type=_whole(0, TOP_PRIORITY),
+        type=whole(0, TOP_PRIORITY),
         required=True,
         help=f"the lowest priority of the plan's tier (0 to {TOP_PRIORITY}); a plan that has it is replaced",
     )
     cap = set_plan.add_mutually_exclusive_group(required=True)
-    cap.add_argument("--max-running", type=_whole(0), help="running jobs allowed per user")
+    cap.add_argument("--max-running", type=whole(0), help="running jobs allowed per user")
     cap.add_argument("--no-cap", action="store_true", help="no cap on the plan's users")
     set_plan.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     delete_plan = changes.add_parser(
@@ -81,7 +66,7 @@ def add_commands(command: CommandFactory) -> None:
     fairness.add_argument("state", nargs="?", choices=("on", "off"), help="off: strict priority and no caps")
     fairness.add_argument(
         "--aging-step-ms",
-        type=_whole(1),
+        type=whole(1),
         help="milliseconds of waiting that raise a pending job one priority step",
     )
 

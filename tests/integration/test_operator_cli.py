@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from broker.transport import Transport
-from ops.cli import run
+from ops.cli import main, run
 from service.settings import load_settings
 from tests.support.brokers import Db, insert_job, job
 from tests.support.processes import cli_env
@@ -166,3 +166,25 @@ def test_json_output_is_redacted_like_the_tables(db: Db, transport: Transport) -
         assert code == 0 and "hunter2" not in text
         code, text = cli(transport, *argv, "--json")
         assert code == 0 and "hunter2" not in text and "***" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs", "--limit", "0"],
+        ["jobs", "--limit", "5000"],
+        ["jobs", "--limit", "ten"],
+        ["retry", "--all", "--limit", "-1"],
+        ["prune", "--completed-days", "-1"],
+        ["prune", "--failed-days", "1.5"],
+    ],
+)
+def test_number_mistakes_exit_2_and_say_what_was_expected(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (the SQL would clamp a limit silently, and a negative retention would mean "keep forever")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err or "not a whole number" in err
