@@ -32,7 +32,6 @@ from broker.interrupts import JobCancelled, JobInterrupted, ShutdownDeadline, se
 from broker.keeper import Keeper
 from broker.log_context import keep_arguments_out_of_logs
 from broker.messages import JobProxy, error_text, job_id_for, stored_options
-from broker.operator_records import CancelOutcome
 from broker.presence import PresenceState
 from broker.retention import Pruner
 from broker.sending import SendingBroker
@@ -168,13 +167,8 @@ class SupabaseBroker(SendingBroker):
         """Cancel a job by its message (or message id): a pending job never runs, a running one is stopped
         by its worker within about a second and ends `cancelled`. Returns what happened: 'cancelled',
         'cancelling', the status of a job that had already finished, or 'not_found'."""
-        message_id = message if isinstance(message, str) else message.message_id
-        [outcome] = self.transport.cancel([job_id_for(message_id)], reason)
+        [outcome] = self.transport.cancel([job_id_for(message)], reason)
         return outcome.outcome
-
-    def cancel_many(self, message_ids: list[str], reason: str | None = None) -> list[CancelOutcome]:
-        """Cancel jobs by their message ids in one call; one outcome per job."""
-        return self.transport.cancel([job_id_for(message_id) for message_id in message_ids], reason)
 
     def join(self, queue_name: str, *, interval: int = 100, timeout: int | None = None) -> None:
         """Wait until the queue has no pending or processing jobs (tests and scripts)."""

@@ -56,7 +56,7 @@ class Keeper:
         lease_ms: int,
         max_rescues: int,
         doorbell: Callable[[], Doorbell | None],
-        cancellations: Cancellations | None = None,
+        cancellations: Cancellations,
     ) -> None:
         self.logger = get_logger(__name__, type(self))
         self.transport = transport
@@ -68,7 +68,7 @@ class Keeper:
         self.lease_ms = lease_ms
         self.max_rescues = max_rescues
         self.doorbell = doorbell
-        self.cancellations = cancellations or Cancellations(holdings)
+        self.cancellations = cancellations
         #: Monotonic deadline after which running jobs are interrupted and handed back; None until shutdown.
         self.shutdown_deadline: float | None = None
         #: Claims of jobs stopped because presence lapsed: handed back once the worker is registered again.

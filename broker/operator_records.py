@@ -32,7 +32,8 @@ HISTORY_MINUTES = 60
 TOP_PRIORITY = 10
 
 
-def _time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """A timestamp as either transport returns it: a datetime (psycopg) or ISO 8601 text (PostgREST)."""
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value))
@@ -63,8 +64,8 @@ class Attempt:
         return cls(
             attempt=int(data.get("attempt") or 0),
             worker=data.get("worker"),
-            started_at=_time(data.get("started_at")),
-            ended_at=_time(data.get("ended_at")),
+            started_at=parse_time(data.get("started_at")),
+            ended_at=parse_time(data.get("ended_at")),
             outcome=str(data.get("outcome") or "unknown"),
             error=data.get("error"),
         )
@@ -106,13 +107,13 @@ class JobSummary:
             max_retries=int(row["max_retries"]),
             rescue_count=int(row["rescue_count"]),
             user_id=_id(row["user_id"]),
-            created_at=_time(row["created_at"]),
-            run_at=_time(row["run_at"]),
-            started_at=_time(row["started_at"]),
-            completed_at=_time(row["completed_at"]),
+            created_at=parse_time(row["created_at"]),
+            run_at=parse_time(row["run_at"]),
+            started_at=parse_time(row["started_at"]),
+            completed_at=parse_time(row["completed_at"]),
             locked_by=row["locked_by"],
-            lease_expires_at=_time(row["lease_expires_at"]),
-            cancel_requested_at=_time(row["cancel_requested_at"]),
+            lease_expires_at=parse_time(row["lease_expires_at"]),
+            cancel_requested_at=parse_time(row["cancel_requested_at"]),
             attempts=int(row["attempts"] or 0),
             error=row["error"],
             prompt=row["prompt"],
@@ -170,13 +171,13 @@ class JobDetail:
             user_id=_id(row["user_id"]),
             session_id=_id(row["session_id"]),
             project_id=_id(row["project_id"]),
-            created_at=_time(row["created_at"]),
-            run_at=_time(row["run_at"]),
-            started_at=_time(row["started_at"]),
-            completed_at=_time(row["completed_at"]),
+            created_at=parse_time(row["created_at"]),
+            run_at=parse_time(row["run_at"]),
+            started_at=parse_time(row["started_at"]),
+            completed_at=parse_time(row["completed_at"]),
             locked_by=row["locked_by"],
-            lease_expires_at=_time(row["lease_expires_at"]),
-            cancel_requested_at=_time(row["cancel_requested_at"]),
+            lease_expires_at=parse_time(row["lease_expires_at"]),
+            cancel_requested_at=parse_time(row["cancel_requested_at"]),
             error_message=row["error_message"],
             prompt=row["prompt"],
             prompt_length=row["prompt_length"],
@@ -214,7 +215,7 @@ class QueueMinute:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> QueueMinute:
-        minute = _time(row["minute"])
+        minute = parse_time(row["minute"])
         assert minute is not None  # the column is not null
         depth = None if row["depth"] is None else int(row["depth"])
         return cls(minute, row["queue_name"], str(row["status"]), int(row["entered"]), depth)
@@ -244,9 +245,9 @@ class WorkerRecord:
             presence=row["presence"],
             queues=tuple(row["queues"] or ()),
             concurrency=row["concurrency"],
-            started_at=_time(row["started_at"]),
-            heartbeat_at=_time(row["heartbeat_at"]),
-            lost_at=_time(row["lost_at"]),
+            started_at=parse_time(row["started_at"]),
+            heartbeat_at=parse_time(row["heartbeat_at"]),
+            lost_at=parse_time(row["lost_at"]),
             jobs=tuple(str(job_id) for job_id in row["jobs"] or ()),
         )
 
@@ -261,7 +262,7 @@ class PausedQueue:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> PausedQueue:
-        return cls(row["queue_name"], _time(row["paused_at"]), row["reason"])
+        return cls(row["queue_name"], parse_time(row["paused_at"]), row["reason"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -311,7 +312,7 @@ class PlanLimit:
             priority=int(row["priority"]),
             max_priority=int(row["max_priority"]),
             max_running=_count(row["max_running"]),
-            updated_at=_time(row["updated_at"]),
+            updated_at=parse_time(row["updated_at"]),
         )
 
 
@@ -342,7 +343,7 @@ class PlanStat:
             running_users=int(row["running_users"]),
             users_at_cap=int(row["users_at_cap"]),
             capped_pending_jobs=int(row["capped_pending_jobs"]),
-            oldest_pending_at=_time(row["oldest_pending_at"]),
+            oldest_pending_at=parse_time(row["oldest_pending_at"]),
         )
 
 
@@ -397,7 +398,7 @@ class FairnessSettings:
             enabled=bool(row["enabled"]),
             aging_step_ms=int(row["aging_step_ms"]),
             top_tier_after_ms=int(row["top_tier_after_ms"]),
-            updated_at=_time(row["updated_at"]),
+            updated_at=parse_time(row["updated_at"]),
         )
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -34,6 +33,7 @@ from supabase import Client, ClientOptions, create_client
 
 from broker.errors import ConnectionClosed
 from broker.operations import SqlArg
+from broker.operator_records import parse_time
 from broker.realtime import RealtimeDoorbell
 from broker.rest_errors import RestCallFailed, raise_for_rest_status, translate
 from broker.transport import (
@@ -82,10 +82,6 @@ def _supabase_client(url: str, key: SecretStr, http: httpx.Client) -> Client:
     client = create_client(url, key.get_secret_value(), options)
     client.postgrest  # noqa: B018 -- built now, once, not lazily by the first worker threads racing for it
     return client
-
-
-def _parse_time(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 def _claims(claims: Sequence[Claim]) -> dict[str, list[str]]:
@@ -267,9 +263,9 @@ class RestTransport(Transport):
                 queue_name=row["queue_name"],
                 status=str(row["status"]),
                 jobs=int(row["jobs"]),
-                oldest_created_at=_parse_time(row["oldest_created_at"]),
-                next_run_at=_parse_time(row["next_run_at"]),
-                oldest_due_at=_parse_time(row.get("oldest_due_at")),
+                oldest_created_at=parse_time(row["oldest_created_at"]),
+                next_run_at=parse_time(row["next_run_at"]),
+                oldest_due_at=parse_time(row.get("oldest_due_at")),
             )
             for row in self._rpc("get_queue_stats")
         ]
