@@ -21,6 +21,9 @@ MULTI_THREAD_WORKER_POOL = 3
 LISTEN_CONNECTIONS = 1
 #: The health fork: /ready, /metrics and the queue monitor share one connection (one read at a time each).
 HEALTH_POOL_SIZE = 1
+#: The dashboard fork, with DASHBOARD_PORT set: its request threads share two connections (a page's reads
+#: run one after another; a second serves an action or another tab meanwhile).
+DASHBOARD_POOL_SIZE = 2
 #: Connections a worker process opens for a moment at start, to tell sessions from a transaction pooler.
 PROBE_CONNECTIONS = 2
 
@@ -30,10 +33,13 @@ def worker_pool_size(threads: int) -> int:
     return SINGLE_THREAD_WORKER_POOL if threads <= 1 else MULTI_THREAD_WORKER_POOL
 
 
-def container_connections(processes: int, threads: int, *, listen: bool, pool_size: int | None = None) -> int:
-    """The most connections a running container holds: its worker processes' pools (and LISTEN) and health.
+def container_connections(
+    processes: int, threads: int, *, listen: bool, pool_size: int | None = None, dashboard: bool = False
+) -> int:
+    """The most connections a running container holds: its worker processes' pools (and LISTEN), health, and
+    the dashboard when it is on.
 
     `pool_size` is DATABASE_POOL_SIZE when set; `listen` is True with sessions of our own.
     """
     per_process = (pool_size or worker_pool_size(threads)) + (LISTEN_CONNECTIONS if listen else 0)
-    return processes * per_process + HEALTH_POOL_SIZE
+    return processes * per_process + HEALTH_POOL_SIZE + (DASHBOARD_POOL_SIZE if dashboard else 0)

@@ -9,13 +9,15 @@ from pathlib import Path
 import psycopg
 
 from broker.transport import Transport
-from service.budget import HEALTH_POOL_SIZE, worker_pool_size
+from service.budget import DASHBOARD_POOL_SIZE, HEALTH_POOL_SIZE, worker_pool_size
 from service.embedded_db import find_embedded_postgres
 from service.errors import ConfigurationError
 from service.settings import Settings, TransportKind
 
 #: How the health server's connection shows in pg_stat_activity (the workers' show as queue-worker).
 HEALTH_APPLICATION_NAME = "queue-health"
+#: application_name of the dashboard's connections.
+DASHBOARD_APPLICATION_NAME = "queue-dashboard"
 
 
 def database_url(settings: Settings) -> str:
@@ -63,15 +65,22 @@ def build_transport(settings: Settings) -> Transport:
 
 def build_health_transport(settings: Settings) -> Transport:
     """The transport of the health server: one connection, no LISTEN, no session probe."""
+    return _reader_transport(settings, HEALTH_POOL_SIZE, HEALTH_APPLICATION_NAME)
+
+
+def build_dashboard_transport(settings: Settings) -> Transport:
+    """The transport of the dashboard: its own small pool, named as the dashboard's, no LISTEN."""
+    return _reader_transport(settings, DASHBOARD_POOL_SIZE, DASHBOARD_APPLICATION_NAME)
+
+
+def _reader_transport(settings: Settings, pool_size: int, application_name: str) -> Transport:
+    """A transport for a process that reads and acts through the queue's functions but runs no jobs."""
     if settings.transport is TransportKind.rest:
         return build_transport(settings)
     from broker.postgres import PostgresTransport
 
     return PostgresTransport(
-        database_url(settings),
-        pool_size=HEALTH_POOL_SIZE,
-        application_name=HEALTH_APPLICATION_NAME,
-        sessions=False,
+        database_url(settings), pool_size=pool_size, application_name=application_name, sessions=False
     )
 
 

@@ -19,7 +19,7 @@ from health.dashboard.app import create_dashboard_app
 from health.gunicorn_logging import LoguruGunicornLogger
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
-from service.transports import build_transport
+from service.transports import build_dashboard_transport
 
 #: Request threads of the dashboard's one gunicorn worker.
 DASHBOARD_THREADS = 4
@@ -31,7 +31,7 @@ def build_dashboard(
     settings: Settings, transport: Transport | None = None
 ) -> tuple[falcon.App[falcon.Request, falcon.Response], Transport]:
     """The dashboard app over the settings' transport (or the one given)."""
-    transport = transport or build_transport(settings)
+    transport = transport or build_dashboard_transport(settings)
     return create_dashboard_app(transport, settings.dashboard_token), transport
 
 

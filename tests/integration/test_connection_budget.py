@@ -13,10 +13,16 @@ from pathlib import Path
 from falcon import testing
 
 from broker.postgres import PostgresTransport
+from health.dashboard.server import build_dashboard
 from health.runtime import build_runtime
-from service.budget import HEALTH_POOL_SIZE, MULTI_THREAD_WORKER_POOL, SINGLE_THREAD_WORKER_POOL
+from service.budget import (
+    DASHBOARD_POOL_SIZE,
+    HEALTH_POOL_SIZE,
+    MULTI_THREAD_WORKER_POOL,
+    SINGLE_THREAD_WORKER_POOL,
+)
 from service.settings import load_settings
-from service.transports import HEALTH_APPLICATION_NAME, build_transport
+from service.transports import DASHBOARD_APPLICATION_NAME, HEALTH_APPLICATION_NAME, build_transport
 from tests.support.brokers import Db
 
 #: Probe threads, and requests each makes, while the connections are counted.
@@ -99,3 +105,37 @@ def test_a_worker_process_pool_is_sized_by_the_budget(database_url: str) -> None
             assert transport.calls.pool.max_size == expected, threads
         finally:
             transport.close()
+
+
+def test_the_dashboard_holds_its_own_two_connections(database_url: str, db: Db, tmp_path: Path) -> None:
+    # Given the dashboard of a container whose workers run 8 jobs at once (a worker-sized pool would be 3)
+    settings = load_settings(
+        _env_file=None,
+        database_url=database_url,
+        run_dir=tmp_path,
+        max_concurrent_jobs=8,
+        dashboard_port=8089,
+    )
+    app, transport = build_dashboard(settings)
+    client = testing.TestClient(app)
+
+    def reader() -> None:
+        for _ in range(REQUESTS_PER_THREAD // 5):
+            assert client.simulate_get("/live").status_code == 200
+
+    def readers() -> None:
+        threads = [threading.Thread(target=reader) for _ in range(PROBE_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    try:
+        # When several tabs refresh at once
+        most = busiest(db, readers)
+    finally:
+        transport.close()
+
+    # Then it never held more than its budget, under its own name (service/budget.py counts it)
+    assert most and len(most) <= DASHBOARD_POOL_SIZE, most
+    assert set(most) == {DASHBOARD_APPLICATION_NAME}
