@@ -63,14 +63,15 @@ class Schedule:
         except StopIteration:
             return None
 
-    def key(self, actor_name: str) -> str:
+    @property
+    def key(self) -> str:
         """The schedule's name within its actor, as it goes into the tick's message id."""
         return self.name or f"{self.cron} {self.args!r} {sorted(self.kwargs.items())!r}"
 
     def message_id(self, actor_name: str, tick: datetime) -> str:
         """The message id of the job this schedule enqueues for `tick`: the same in every process."""
         instant = tick.astimezone(ZoneInfo("UTC")).isoformat()
-        return str(uuid.uuid5(TICK_NAMESPACE, f"{actor_name}\x00{self.key(actor_name)}\x00{instant}"))
+        return str(uuid.uuid5(TICK_NAMESPACE, f"{actor_name}\x00{self.key}\x00{instant}"))
 
 
 def schedules_of(options: Mapping[str, Any]) -> list[Schedule]:
@@ -90,7 +91,7 @@ def schedules_of(options: Mapping[str, Any]) -> list[Schedule]:
                 f"the {PERIODIC_OPTION} option takes a cron string, a Schedule or a list of them, "
                 f"got {item!r}"
             )
-    names = [schedule.key("") for schedule in schedules]
+    names = [schedule.key for schedule in schedules]
     if len(set(names)) != len(names):
         raise ValueError(f"two schedules of one actor share a name: {names}")
     return schedules

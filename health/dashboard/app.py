@@ -160,6 +160,8 @@ class ActionResource:
         resp.location = "../" + (back if _BACK.match(back) else "")
 
     def _act(self, name: str, form: dict[str, str]) -> str:
+        if name not in ("cancel", "retry", "pause", "resume"):
+            raise falcon.HTTPNotFound()
         transport = self.dashboard.transport
         if name in ("cancel", "retry"):
             job_id = _job_id(form.get("job_id", ""))
@@ -177,10 +179,8 @@ class ActionResource:
         if name == "pause":
             transport.pause_queue(queue, "paused from the dashboard")
             return f"pause {queue}"
-        if name == "resume":
-            transport.resume_queue(queue)
-            return f"resume {queue}"
-        raise falcon.HTTPNotFound()
+        transport.resume_queue(queue)
+        return f"resume {queue}"
 
 
 def _job_id(text: str) -> str:

@@ -181,6 +181,8 @@ def test_actions_need_a_session_signed_in_with_the_token_and_its_csrf_value(
     assert "paused" in client.simulate_get("/", cookies=cookies).text
     post(client, "/actions/resume", cookies, queue="default", csrf=csrf)
     assert pg.paused_queues() == []
+    # An action the dashboard does not have is not found, whatever the form holds
+    assert post(client, "/actions/purge", cookies, csrf=csrf).status_code == 404
     # An address outside the dashboard is never a way back
     assert (
         post(client, "/actions/pause", cookies, queue="x", csrf=csrf, back="https://evil.example/").headers[
