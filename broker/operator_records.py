@@ -71,6 +71,28 @@ class Attempt:
         )
 
 
+def _job_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields list_jobs() and get_job() rows share, converted alike."""
+    return {
+        "id": str(row["id"]),
+        "queue_name": row["queue_name"],
+        "actor_name": row["actor_name"],
+        "status": str(row["status"]),
+        "priority": int(row["priority"]),
+        "retry_count": int(row["retry_count"]),
+        "max_retries": int(row["max_retries"]),
+        "rescue_count": int(row["rescue_count"]),
+        "user_id": _id(row["user_id"]),
+        "created_at": parse_time(row["created_at"]),
+        "run_at": parse_time(row["run_at"]),
+        "started_at": parse_time(row["started_at"]),
+        "completed_at": parse_time(row["completed_at"]),
+        "locked_by": row["locked_by"],
+        "lease_expires_at": parse_time(row["lease_expires_at"]),
+        "cancel_requested_at": parse_time(row["cancel_requested_at"]),
+    }
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobSummary:
     """One line of list_jobs(): the prompt and the error as excerpts."""
@@ -98,22 +120,7 @@ class JobSummary:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobSummary:
         return cls(
-            id=str(row["id"]),
-            queue_name=row["queue_name"],
-            actor_name=row["actor_name"],
-            status=str(row["status"]),
-            priority=int(row["priority"]),
-            retry_count=int(row["retry_count"]),
-            max_retries=int(row["max_retries"]),
-            rescue_count=int(row["rescue_count"]),
-            user_id=_id(row["user_id"]),
-            created_at=parse_time(row["created_at"]),
-            run_at=parse_time(row["run_at"]),
-            started_at=parse_time(row["started_at"]),
-            completed_at=parse_time(row["completed_at"]),
-            locked_by=row["locked_by"],
-            lease_expires_at=parse_time(row["lease_expires_at"]),
-            cancel_requested_at=parse_time(row["cancel_requested_at"]),
+            **_job_fields(row),
             attempts=int(row["attempts"] or 0),
             error=row["error"],
             prompt=row["prompt"],
@@ -160,24 +167,9 @@ class JobDetail:
     def from_row(cls, row: Mapping[str, Any]) -> JobDetail:
         options = row["options"]
         return cls(
-            id=str(row["id"]),
-            queue_name=row["queue_name"],
-            actor_name=row["actor_name"],
-            status=str(row["status"]),
-            priority=int(row["priority"]),
-            retry_count=int(row["retry_count"]),
-            max_retries=int(row["max_retries"]),
-            rescue_count=int(row["rescue_count"]),
-            user_id=_id(row["user_id"]),
+            **_job_fields(row),
             session_id=_id(row["session_id"]),
             project_id=_id(row["project_id"]),
-            created_at=parse_time(row["created_at"]),
-            run_at=parse_time(row["run_at"]),
-            started_at=parse_time(row["started_at"]),
-            completed_at=parse_time(row["completed_at"]),
-            locked_by=row["locked_by"],
-            lease_expires_at=parse_time(row["lease_expires_at"]),
-            cancel_requested_at=parse_time(row["cancel_requested_at"]),
             error_message=row["error_message"],
             prompt=row["prompt"],
             prompt_length=row["prompt_length"],
