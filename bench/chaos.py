@@ -138,8 +138,9 @@ def _free_port() -> int:
 class Chaos:
     """The faults, on a schedule, and when each hit which process."""
 
-    def __init__(self, containers: list[Container], admin_url: str, restart: Any) -> None:
+    def __init__(self, containers: list[Container], admin_url: str, restart: Any, executions: Path) -> None:
         self.containers = containers
+        self.executions = executions
         self.admin_url = admin_url
         self.restart_postgres = restart
         self.kills: dict[int, float] = {}
@@ -148,9 +149,19 @@ class Chaos:
         self._random = random.Random(7)
 
     def kill(self, whole_group: bool) -> bool:
-        """SIGKILL a worker process (or its whole process group); False when none was up to be killed."""
-        container = self._random.choice(self.containers)
-        pids = container.worker_pids()
+        """SIGKILL a worker process that is running a job (or its whole process group); False when none is.
+
+        Only a worker in the middle of a job: a kill between jobs would cut nothing, and rescue is what the
+        run is for.
+        """
+        running = {
+            e.pid for e in read_executions(self.executions) if e.finished is None and e.interrupted is None
+        }
+        busy = [c for c in self.containers if running & set(c.worker_pids())]
+        if not busy:
+            return False
+        container = self._random.choice(busy)
+        pids = [pid for pid in container.worker_pids() if pid in running]
         proc = container.proc
         if not pids or proc is None or proc.poll() is not None:
             return False
@@ -214,7 +225,7 @@ def run(args: argparse.Namespace) -> ChaosReport:
             EXECUTIONS_FILE_ENV: str(executions),
         }
         containers = [Container(f"c{i}", env, args.threads, work_dir) for i in range(args.containers)]
-        chaos = Chaos(containers, url, restart)
+        chaos = Chaos(containers, url, restart, executions)
         started = time.time()
         for container in containers:
             container.start()
@@ -270,7 +281,7 @@ def _produce_with_chaos(args: argparse.Namespace, url: str, chaos: Chaos) -> set
                     kills += 1
                     next_kill = now + args.kill_every_s
                 else:
-                    next_kill = now + 0.5  # no worker up right now (restarting): try again shortly
+                    next_kill = now + 0.5  # no worker in the middle of a job right now: try again shortly
             if now >= next_terminate:
                 chaos.terminate_connections()
                 next_terminate = now + args.terminate_every_s
