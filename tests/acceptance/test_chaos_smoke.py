@@ -16,8 +16,10 @@ from bench.chaos import run
 
 pytestmark = pytest.mark.slow
 
-#: Seconds within which a killed worker's job starts again: seconds, not a lease (the bench holds 5 s).
-RESCUE_BOUND_S = 10.0
+#: Seconds within which a killed worker's job starts again: issue 7's bound (30 s). Every kill now cuts a job
+#: in progress, some of them around the PostgreSQL restart, where a rescue waits for the server (11.5 s seen);
+#: the full run's rescues are about 2 s.
+RESCUE_BOUND_S = 30.0
 
 
 def test_a_short_chaos_run_loses_nothing_and_runs_nothing_twice_at_once() -> None:
